@@ -1,0 +1,34 @@
+# Development setup for sparsevlm_patch: a local .venv with the pinned, CPU-only stack.
+#   make setup   create .venv and install everything (idempotent: a stamp file marks it done)
+#   make test    run the test suite
+#   make demo    run examples/demo.py on a tiny, offline LLaVA
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.sparsevlm-setup-done
+
+.PHONY: setup test demo
+
+setup: $(STAMP)
+
+$(STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install transformers==4.37.2 tokenizers==0.15.2 sentencepiece==0.2.3 \
+		accelerate==0.34.2 peft==0.13.2 wrapt pillow pytest
+	# llava-torch pins torch 2.0.1 and friends: install it without its dependencies
+	# (pip then reports "dependency conflicts" with those pins, here and at later
+	# installs: expected and harmless).
+	$(BIN)/pip install --no-deps llava-torch==1.2.2.post1
+	# DeepSpeed without prebuilt ops (CPU machine); its build needs the torch above.
+	DS_BUILD_OPS=0 $(BIN)/pip install deepspeed==0.16.9 --no-build-isolation
+	$(BIN)/pip install --no-deps -e .
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+demo: setup
+	$(BIN)/python examples/demo.py

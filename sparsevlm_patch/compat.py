@@ -1,0 +1,52 @@
+"""Which upstream versions the hooks are written against, checked before patching."""
+from __future__ import annotations
+
+import inspect
+from importlib import metadata
+
+SUPPORTED = {
+    "transformers": ("4.36.2", "4.37.2"),
+    "llava-torch": ("1.2.2.post1",),
+}
+
+# Parameters the hooks bind by name; a different upstream signature means a different
+# upstream, which the sparse forward was not written for.
+SIGNATURES = {
+    "LlamaModel.forward": ["self", "input_ids", "attention_mask", "position_ids", "past_key_values",
+                           "inputs_embeds", "use_cache", "output_attentions", "output_hidden_states",
+                           "return_dict"],
+    "LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal": [
+        "self", "input_ids", "position_ids", "attention_mask", "past_key_values", "labels", "images",
+        "image_sizes"],
+    "LlamaRotaryEmbedding.forward": ["self", "x", "seq_len"],
+}
+
+
+class UnsupportedVersionError(RuntimeError):
+    pass
+
+
+def check_versions() -> None:
+    """Fail, naming installed and supported versions, on an upstream we don't know."""
+    for package, supported in SUPPORTED.items():
+        try:
+            installed = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            if package == "transformers":
+                raise UnsupportedVersionError(
+                    f"sparsevlm_patch needs transformers {' or '.join(supported)}; it is not installed")
+            continue  # llava not installed yet: its hook waits for the import
+        if installed not in supported:
+            raise UnsupportedVersionError(
+                f"sparsevlm_patch supports {package} {' or '.join(supported)}, but {installed} is "
+                f"installed: install a supported version (see README, 'Supported versions'), "
+                f"or run without the plugin (SPARSEVLM=0)")
+
+
+def check_signature(name: str, func) -> None:
+    params = list(inspect.signature(func).parameters)
+    if params != SIGNATURES[name]:
+        raise UnsupportedVersionError(
+            f"{name} has parameters {params}, expected {SIGNATURES[name]}: this upstream version is "
+            f"not supported by sparsevlm_patch (supported: transformers "
+            f"{' or '.join(SUPPORTED['transformers'])}, llava-torch {SUPPORTED['llava-torch'][0]})")

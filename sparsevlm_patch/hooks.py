@@ -1,0 +1,214 @@
+"""Installing and removing the hooks on the installed transformers and LLaVA.
+
+wrapt post-import hooks patch each target module when it is imported (or at once if it
+already is), so `import sparsevlm_patch` may come before or after `import llava`.
+`remove()` puts back the exact original function objects.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+
+import torch
+import wrapt
+
+from . import compat
+from .config import config_from_env, env_enabled
+from .layout import IGNORE_INDEX, layout_from_probe
+from .sparse_forward import PrunedCache, sparse_decode, sparse_prefill
+from .state import FULL_ROPE_ATTR, state_for
+
+_MISSING = object()
+_patches = []  # (owner, name, original attribute or _MISSING)
+_installed = False
+_registered = False
+
+
+def _bind(signature, args, kwargs) -> dict:
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+def _llama_forward(wrapped, instance, args, kwargs):
+    """LlamaModel.forward: the sparse path for enabled LLaVA models, upstream otherwise."""
+    state = instance.__dict__.get("_sparsevlm_state")
+    if state is None:
+        return wrapped(*args, **kwargs)
+    a = _bind(_LLAMA_SIGNATURE, (None,) + tuple(args), kwargs)
+    past = a["past_key_values"]
+    if isinstance(past, PrunedCache):
+        return sparse_decode(instance, past, input_ids=a["input_ids"], attention_mask=a["attention_mask"],
+                             position_ids=a["position_ids"], inputs_embeds=a["inputs_embeds"],
+                             output_hidden_states=_flag(a, instance, "output_hidden_states"),
+                             return_dict=_flag(a, instance, "use_return_dict", "return_dict"))
+    layout, state.pending = state.pending, None
+    if not state.enabled:
+        return wrapped(*args, **kwargs)
+    prefill = past is None or len(past) == 0 or past[0][0].shape[-2] == 0
+    if not prefill:
+        return wrapped(*args, **kwargs)
+    state.clear()
+    if layout is not None and layout.inputs_embeds is a["inputs_embeds"]:
+        if _flag(a, instance, "output_attentions"):
+            raise ValueError(
+                "output_attentions=True is not supported by the sparse forward (it never builds the "
+                "L x L attention matrix): call sparsevlm_patch.disable(model) to get attention maps")
+        use_cache = _flag(a, instance, "use_cache")
+        if instance.gradient_checkpointing and instance.training:
+            use_cache = False
+        return sparse_prefill(instance, state, layout, attention_mask=a["attention_mask"],
+                              position_ids=a["position_ids"], inputs_embeds=a["inputs_embeds"],
+                              use_cache=use_cache,
+                              output_hidden_states=_flag(a, instance, "output_hidden_states"),
+                              return_dict=_flag(a, instance, "use_return_dict", "return_dict"))
+    outputs = wrapped(*args, **kwargs)
+    _record_text_only(state, a)
+    return outputs
+
+
+def _flag(a: dict, model, config_name: str, arg_name: str = None):
+    value = a[arg_name or config_name]
+    return getattr(model.config, config_name) if value is None else value
+
+
+def _record_text_only(state, a: dict) -> None:
+    """A prefill without visual tokens keeps every valid token."""
+    reference = a["input_ids"] if a["input_ids"] is not None else a["inputs_embeds"][..., 0]
+    mask = a["attention_mask"]
+    keep = mask.bool() if mask is not None else torch.ones(reference.shape[:2], dtype=torch.bool,
+                                                           device=reference.device)
+    B = keep.shape[0]
+    state.record(keep, {"pruning_layers": list(state.config.pruning_layers), "visual_tokens": [0] * B,
+                        "kept_visual": [[0] * len(state.config.pruning_layers)] * B,
+                        "recycled": [[0] * len(state.config.pruning_layers)] * B,
+                        "flops": {"ratio": 1.0}})
+
+
+def _prepare_multimodal(wrapped, instance, args, kwargs):
+    """prepare_inputs_labels_for_multimodal: upstream's splice, plus the batch layout.
+
+    Upstream receives a probe in place of the labels (see layout.py); the real labels are
+    rebuilt from the relaid probe, so every output equals upstream's.
+    """
+    state = state_for(instance, auto=True)
+    if state is None or not state.enabled:
+        return wrapped(*args, **kwargs)
+    a = _bind(_PREPARE_SIGNATURE, (None,) + tuple(args), kwargs)
+    input_ids, attention_mask, labels = a["input_ids"], a["attention_mask"], a["labels"]
+    if a["images"] is None or input_ids is None or input_ids.shape[1] == 1:
+        return wrapped(*args, **kwargs)
+    B, L = input_ids.shape
+    probe = torch.arange(L, device=input_ids.device).expand(B, L).contiguous()
+    mask_in = attention_mask if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    _, position_ids, mask_out, past, embeds, probe_out = wrapped(
+        input_ids, a["position_ids"], mask_in, a["past_key_values"], probe, a["images"],
+        image_sizes=a["image_sizes"])
+    if embeds is None:
+        return wrapped(*args, **kwargs)
+    labels_out = None
+    if labels is not None:
+        labels_out = torch.where(probe_out >= 0, labels.gather(1, probe_out.clamp(min=0)),
+                                 torch.full_like(probe_out, IGNORE_INDEX)).to(labels.dtype)
+    layout = layout_from_probe(probe_out, mask_out.bool(), labels_out)
+    layout.inputs_embeds = embeds
+    state.pending = layout
+    return None, position_ids, (None if attention_mask is None else mask_out), past, embeds, labels_out
+
+
+def _rope_forward(wrapped, instance, args, kwargs):
+    """RoPE of a sparse model: the whole table (indexed by original position ids)."""
+    if FULL_ROPE_ATTR not in instance.__dict__:
+        return wrapped(*args, **kwargs)
+    a = _bind(_ROPE_SIGNATURE, (None,) + tuple(args), kwargs)
+    seq_len = max(a["seq_len"] or 0, instance.max_seq_len_cached)
+    return wrapped(a["x"], seq_len=seq_len)
+
+
+# ----------------------------------------------------------------------------- patching
+
+def _wrap(owner, name: str, wrapper) -> None:
+    original = owner.__dict__.get(name, _MISSING)
+    target = original if original is not _MISSING else getattr(owner, name)
+    setattr(owner, name, wrapt.FunctionWrapper(target, wrapper))
+    _patches.append((owner, name, original))
+
+
+def _patch_transformers(module) -> None:
+    global _LLAMA_SIGNATURE, _ROPE_SIGNATURE
+    if not _installed or _is_patched(module.LlamaModel, "forward"):
+        return
+    compat.check_signature("LlamaModel.forward", module.LlamaModel.forward)
+    compat.check_signature("LlamaRotaryEmbedding.forward", module.LlamaRotaryEmbedding.forward)
+    _LLAMA_SIGNATURE = inspect.signature(module.LlamaModel.forward)
+    _ROPE_SIGNATURE = inspect.signature(module.LlamaRotaryEmbedding.forward)
+    _wrap(module.LlamaModel, "forward", _llama_forward)
+    _wrap(module.LlamaRotaryEmbedding, "forward", _rope_forward)
+
+
+def _patch_llava(module) -> None:
+    global _PREPARE_SIGNATURE
+    owner = module.LlavaMetaForCausalLM
+    if not _installed or _is_patched(owner, "prepare_inputs_labels_for_multimodal"):
+        return
+    name = "LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal"
+    compat.check_signature(name, owner.prepare_inputs_labels_for_multimodal)
+    _PREPARE_SIGNATURE = inspect.signature(owner.prepare_inputs_labels_for_multimodal)
+    _wrap(owner, "prepare_inputs_labels_for_multimodal", _prepare_multimodal)
+
+
+def _patch_trainer(module) -> None:
+    from .distill import compute_loss
+
+    owner = module.LLaVATrainer
+    if not _installed or _is_patched(owner, "compute_loss"):
+        return
+    _wrap(owner, "compute_loss", compute_loss)
+
+
+_HOOKS = {
+    "transformers.models.llama.modeling_llama": _patch_transformers,
+    "llava.model.llava_arch": _patch_llava,
+    "llava.train.llava_trainer": _patch_trainer,
+}
+
+
+def _is_patched(owner, name: str) -> bool:
+    return any(o is owner and n == name for o, n, _ in _patches)
+
+
+def apply() -> None:
+    """Install the hooks (idempotent). Validates the SPARSEVLM_* environment first."""
+    global _installed, _registered
+    if _installed:
+        return
+    compat.check_versions()
+    if env_enabled():
+        config_from_env()  # a bad value fails here, at configuration time
+    _installed = True
+    if not _registered:
+        for module_name, hook in _HOOKS.items():
+            wrapt.register_post_import_hook(hook, module_name)
+        _registered = True
+    else:
+        for module_name, hook in _HOOKS.items():
+            if module_name in sys.modules:
+                hook(sys.modules[module_name])
+
+
+def remove() -> None:
+    """Restore upstream's original functions exactly."""
+    global _installed
+    for owner, name, original in reversed(_patches):
+        if original is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+    _patches.clear()
+    _installed = False
+
+
+def installed() -> bool:
+    return _installed

@@ -1,0 +1,114 @@
+"""SparseVLM scoring and selection, as pure functions on padded batch tensors.
+
+Shapes: B samples, N token slots, D hidden size, H heads, R rater slots. Every count that
+varies per sample arrives as a [B] tensor next to a host-side maximum, so all shapes are
+fixed before the layers run and nothing here waits on the device.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, N, ...], index [B, M] -> [B, M, ...]."""
+    shape = index.shape + x.shape[2:]
+    flat = index.reshape(index.shape[0], -1, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, flat).reshape(shape)
+
+
+def select_raters(
+    visual: torch.Tensor, visual_valid: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor
+) -> torch.Tensor:
+    """Text raters of each sample, from the LLM-input embeddings.
+
+    relevance(t) = mean over visual tokens v of softmax_t(v . t); raters are the text
+    tokens whose relevance is above the sample's mean relevance (all text tokens when
+    none is, e.g. a single one). visual [B, V, D], text [B, T, D] -> bool [B, T].
+    """
+    logits = torch.einsum("bvd,btd->bvt", visual.float(), text.float())
+    logits = logits.masked_fill(~text_valid[:, None, :], torch.finfo(logits.dtype).min)
+    probs = logits.softmax(dim=-1) * visual_valid[:, :, None]
+    relevance = probs.sum(1) / visual_valid.sum(1, keepdim=True).clamp(min=1)
+    mean = (relevance * text_valid).sum(1, keepdim=True) / text_valid.sum(1, keepdim=True).clamp(min=1)
+    raters = (relevance > mean) & text_valid
+    none = ~raters.any(dim=1, keepdim=True)
+    return raters | (none & text_valid)
+
+
+def rater_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    rater_slot: torch.Tensor,
+    key_valid: torch.Tensor,
+) -> torch.Tensor:
+    """Attention probabilities of the rater rows, as eager attention computes them.
+
+    query [B, H, R, d] (RoPE applied), key [B, H, N, d] (RoPE applied, heads repeated),
+    rater_slot [B, R]: each rater's own slot (causal limit), key_valid [B, N].
+    Returns float32 [B, H, R, N]; softmax over the full key range. Memory is R x N per
+    head, never N x N.
+    """
+    scale = query.shape[-1] ** -0.5
+    logits = torch.matmul(query, key.transpose(-1, -2)).float() * scale
+    slots = torch.arange(key.shape[2], device=key.device)
+    allowed = key_valid[:, None, :] & (slots[None, None, :] <= rater_slot[:, :, None])
+    logits = logits.masked_fill(~allowed[:, None], torch.finfo(logits.dtype).min)
+    return logits.softmax(dim=-1)
+
+
+def visual_scores(
+    probs: torch.Tensor, rater_weight: torch.Tensor, visual: torch.Tensor
+) -> torch.Tensor:
+    """Score of each visual slot: rater -> visual attention averaged over heads and raters.
+
+    probs [B, H, R, N], rater_weight [B, R] (1 for raters, 0 otherwise), visual [B, N].
+    Non-visual slots score -inf.
+    """
+    per_rater = probs.mean(dim=1)  # [B, R, N]
+    weight = rater_weight / rater_weight.sum(1, keepdim=True).clamp(min=1e-6)
+    scores = torch.einsum("brn,br->bn", per_rater, weight)
+    return scores.masked_fill(~visual, float("-inf"))
+
+
+def top_k_mask(scores: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
+    """bool [B, N]: the k[b] best-scoring slots of each row (k_max = max(k) on the host)."""
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    if k_max == 0:
+        return keep
+    best = scores.topk(k_max, dim=1).indices
+    rank_ok = torch.arange(k_max, device=scores.device)[None, :] < k[:, None]
+    return keep.scatter(1, best, rank_ok)
+
+
+def recycle(
+    hidden: torch.Tensor,
+    scores: torch.Tensor,
+    pruned: torch.Tensor,
+    n_candidates: torch.Tensor,
+    n_clusters: torch.Tensor,
+    max_candidates: int,
+    max_clusters: int,
+) -> torch.Tensor:
+    """Merge the most relevant pruned tokens into a few recycled tokens.
+
+    The n_candidates[b] best-scoring pruned slots are candidates; the n_clusters[b] best
+    of them are cluster centres; every candidate joins its most cosine-similar centre and
+    each cluster is averaged. Returns [B, max_clusters, D] (rows past n_clusters[b] are
+    padding). One assignment step, fixed shapes: no iteration, no host sync.
+    """
+    B, _, D = hidden.shape
+    if max_clusters == 0:
+        return hidden.new_zeros(B, 0, D)
+    ranked = scores.masked_fill(~pruned, float("-inf")).topk(max_candidates, dim=1).indices
+    cand = gather_rows(hidden, ranked)  # [B, C, D], best first
+    cand_valid = torch.arange(max_candidates, device=hidden.device)[None] < n_candidates[:, None]
+    centre_valid = torch.arange(max_clusters, device=hidden.device)[None] < n_clusters[:, None]
+    unit = torch.nn.functional.normalize(cand.float(), dim=-1)
+    sim = torch.einsum("bcd,bkd->bck", unit, unit[:, :max_clusters])
+    sim = sim.masked_fill(~centre_valid[:, None, :], float("-inf"))
+    cluster = sim.argmax(dim=-1)  # [B, C]
+    weight = cand_valid.to(hidden.dtype)[..., None]
+    sums = hidden.new_zeros(B, max_clusters, D).scatter_add(
+        1, cluster[..., None].expand(-1, -1, D), cand * weight)
+    sizes = hidden.new_zeros(B, max_clusters).scatter_add(1, cluster, weight[..., 0])
+    return sums / sizes.clamp(min=1)[..., None]

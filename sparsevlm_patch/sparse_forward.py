@@ -1,0 +1,287 @@
+"""The sparse `LlamaModel` forward: prefill with pruning, and decode over a pruned cache.
+
+The decoder layers are upstream's own modules, called on a compact batch of the tokens
+still active (padded per sample, pads masked). At each pruning layer, before the layer
+runs, its raters' queries and all keys rate the visual tokens; the top-k (plus recycled
+merges) stay. Outputs are scattered back to the original L positions, so the LM head,
+labels and the generation loop never see a shorter sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from .layout import BatchLayout
+from .plan import PrefillPlan, StagePlan, flops_summary, make_plan
+from .selection import gather_rows, rater_attention, recycle, select_raters, top_k_mask, visual_scores
+
+
+class PrunedCache(DynamicCache):
+    """A DynamicCache whose layers hold different token sets after a sparse prefill.
+
+    `stage_valid[s]` marks the real (non-pad) slots of the layers of stage s;
+    `layer_stage[i]` is the stage of layer i. Layer 0 always holds the whole prompt, so
+    upstream's generation loop reads the right past length from it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage_valid: List[torch.Tensor] = []
+        self.layer_stage: List[int] = []
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        self.stage_valid = [v.index_select(0, beam_idx.to(v.device)) for v in self.stage_valid]
+
+
+@dataclass
+class Active:
+    """The compact batch of active tokens: slot s of sample b is original position
+    orig[b, s] (L for recycled tokens and pads)."""
+
+    hidden: torch.Tensor  # [B, N, D]
+    orig: torch.Tensor  # [B, N]
+    pos: torch.Tensor  # [B, N] position ids
+    valid: torch.Tensor  # [B, N]
+    visual: torch.Tensor  # [B, N] visual pool (original or recycled visual tokens)
+    rater_slot: torch.Tensor  # [B, R]
+    all_valid: bool  # host: no pads in this batch
+
+
+def attention_mask_for(valid: torch.Tensor, all_valid: bool, dtype, impl: str, queries: int = None):
+    """The mask upstream's attention modules expect, for a causal pass over `valid` slots.
+
+    `queries`: number of trailing slots that are queries (decode); None = all (prefill).
+    SDPA and flash take None when nothing is padded; flash takes the 2-D mask; eager and
+    padded SDPA take the additive 4-D mask (B, 1, q, kv). Pad query rows see themselves
+    so that no row is fully masked.
+    """
+    if all_valid and impl in ("sdpa", "flash_attention_2"):
+        return None
+    if impl == "flash_attention_2":
+        return valid.long()
+    kv = valid.shape[1]
+    q = kv if queries is None else queries
+    k_idx = torch.arange(kv, device=valid.device)
+    q_idx = k_idx[kv - q:]
+    allowed = valid[:, None, :] & (k_idx[None, None, :] <= q_idx[None, :, None])
+    allowed = allowed | (k_idx[None, None, :] == q_idx[None, :, None])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _ensure_rope(layers, x: torch.Tensor, length: int) -> None:
+    """Grow each layer's RoPE table to `length` (upstream's own cache growth)."""
+    for layer in layers:
+        rotary = layer.self_attn.rotary_emb
+        if length > rotary.max_seq_len_cached:
+            rotary(x, seq_len=length)
+
+
+def _run_layer(model, layer, hidden, mask, pos, cache, use_cache):
+    if model.gradient_checkpointing and model.training:
+        out = model._gradient_checkpointing_func(layer.__call__, hidden, mask, pos, cache, False, use_cache)
+    else:
+        out = layer(hidden, attention_mask=mask, position_ids=pos, past_key_value=cache,
+                    output_attentions=False, use_cache=use_cache)
+    return out[0]
+
+
+@torch.no_grad()
+def _scores(layer, act: Active, rater_weight: torch.Tensor, rope_len: int) -> torch.Tensor:
+    """Rater -> visual attention of `layer` over the active tokens, from queries and keys."""
+    attn = layer.self_attn
+    B, N, _ = act.hidden.shape
+    x = layer.input_layernorm(act.hidden)
+    R = act.rater_slot.shape[1]
+    key = attn.k_proj(x).view(B, N, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+    query = attn.q_proj(gather_rows(x, act.rater_slot))
+    query = query.view(B, R, attn.num_heads, attn.head_dim).transpose(1, 2)
+    cos, sin = attn.rotary_emb(key, seq_len=rope_len)
+    query = apply_rotary_pos_emb(query, query, cos, sin, act.pos.gather(1, act.rater_slot))[0]
+    key = apply_rotary_pos_emb(key, key, cos, sin, act.pos)[0]
+    key = repeat_kv(key, attn.num_key_value_groups)
+    probs = rater_attention(query, key, act.rater_slot, act.valid)
+    return visual_scores(probs, rater_weight, act.visual)
+
+
+def _prune(layer, act: Active, stage: StagePlan, rater_weight, fallback, rope_len, length) -> Active:
+    device = act.hidden.device
+    B, N, D = act.hidden.shape
+    slots = torch.arange(N, device=device)
+    last_pool = (act.visual * slots).amax(dim=1)
+    # Samples without prompt text are rated by their last visual token, wherever it is now.
+    rater_slot = act.rater_slot.clone()
+    rater_slot[:, 0] = torch.where(fallback, last_pool, rater_slot[:, 0])
+    act.rater_slot = rater_slot
+
+    scores = _scores(layer, act, rater_weight, rope_len)
+    as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
+    kept = top_k_mask(scores, as_tensor(stage.kept), max(stage.kept))
+
+    max_rec = max(stage.recycled)
+    recycled = recycle(act.hidden, scores, act.visual & ~kept, as_tensor(stage.candidates),
+                       as_tensor(stage.recycled), max(stage.candidates), max_rec)
+    rec_ok = torch.arange(max_rec, device=device)[None] < as_tensor(stage.recycled)[:, None]
+
+    # New order: surviving slots in their order, recycled tokens right after the last
+    # visual slot of the pool; everything dropped sorts to the end.
+    survive = act.valid & (~act.visual | kept)
+    big = 4 * (N + max_rec) + 4
+    key_old = torch.where(survive, 2 * slots, big + slots)
+    key_rec = torch.where(rec_ok, 2 * last_pool[:, None] + 1,
+                          big + N + torch.arange(max_rec, device=device)[None])
+    width = max(stage.tokens)
+    order = torch.argsort(torch.cat([key_old, key_rec], 1), dim=1, stable=True)[:, :width]
+    valid = torch.arange(width, device=device)[None] < as_tensor(stage.tokens)[:, None]
+
+    last_pos = act.pos.gather(1, last_pool[:, None])
+    orig = torch.cat([act.orig, torch.full((B, max_rec), length, device=device)], 1).gather(1, order)
+    inverse = torch.zeros(B, N + max_rec, dtype=torch.long, device=device)
+    inverse.scatter_(1, order, torch.arange(width, device=device).expand(B, -1).contiguous())
+    return Active(
+        hidden=gather_rows(torch.cat([act.hidden, recycled], 1), order),
+        orig=torch.where(valid, orig, length),
+        pos=torch.cat([act.pos, last_pos.expand(B, max_rec)], 1).gather(1, order),
+        valid=valid,
+        visual=torch.cat([kept, rec_ok], 1).gather(1, order) & valid,
+        rater_slot=inverse.gather(1, act.rater_slot),
+        all_valid=len(set(stage.tokens)) == 1,
+    )
+
+
+def _scatter(full: torch.Tensor, act: Active) -> torch.Tensor:
+    index = act.orig[..., None].expand(-1, -1, full.shape[-1])
+    return full.scatter(1, index, act.hidden)
+
+
+def sparse_prefill(model, state, layout: BatchLayout, *, attention_mask, position_ids,
+                   inputs_embeds, use_cache, output_hidden_states, return_dict):
+    """Prefill (or training forward) of `model` (a LlamaModel) with pruning."""
+    config = state.config
+    layers = model.layers
+    B, L, D = inputs_embeds.shape
+    device = inputs_embeds.device
+    impl = getattr(model.config, "_attn_implementation", "eager")
+    plan = make_plan(config, layout)
+
+    if position_ids is None:
+        position_ids = torch.arange(L, device=device)[None]
+    pos = position_ids.expand(B, L)
+    rope_len = L  # prefill positions are < L, whoever made them
+    _ensure_rope(layers, inputs_embeds, rope_len)
+
+    vis_idx, vis_ok = layout.padded_index("visual", device)
+    cand_idx, cand_ok = layout.padded_index("question", device)
+    rater_weight = select_raters(gather_rows(inputs_embeds, vis_idx), vis_ok,
+                                 gather_rows(inputs_embeds, cand_idx), cand_ok).float()
+    fallback = torch.tensor([s.rater_fallback for s in layout.samples], device=device)
+
+    act = Active(
+        hidden=inputs_embeds,
+        orig=torch.arange(L, device=device)[None].expand(B, L),
+        pos=pos,
+        valid=layout.valid,
+        visual=layout.visual,
+        rater_slot=cand_idx,
+        all_valid=layout.padding_side is None,
+    )
+    cache = PrunedCache() if use_cache else None
+    stages = {s.layer: s for s in plan.stages}
+    full = None
+    mask = attention_mask_for(act.valid, act.all_valid, inputs_embeds.dtype, impl)
+    hidden_states = [] if output_hidden_states else None
+    stage_index = 0
+    if cache is not None:
+        cache.stage_valid.append(act.valid)
+
+    for i, layer in enumerate(layers):
+        stage = stages.get(i)
+        if stage is not None and stage.changes:
+            if full is None:
+                full = inputs_embeds.new_zeros(B, L + 1, D)
+            full = _scatter(full, act)
+            act = _prune(layer, act, stage, rater_weight, fallback, rope_len, L)
+            mask = attention_mask_for(act.valid, act.all_valid, inputs_embeds.dtype, impl)
+            if cache is not None:
+                cache.stage_valid.append(act.valid)
+                stage_index += 1
+        if cache is not None:
+            cache.layer_stage.append(stage_index)
+        if output_hidden_states:
+            hidden_states.append(act.hidden if full is None else _scatter(full, act)[:, :L])
+        act.hidden = _run_layer(model, layer, act.hidden, mask, act.pos, cache, use_cache)
+
+    if full is None:
+        last = act.hidden
+        keep = act.valid.clone()
+    else:
+        last = _scatter(full, act)[:, :L]
+        keep = torch.zeros(B, L + 1, dtype=torch.bool, device=device)
+        keep = keep.scatter(1, act.orig, act.valid)[:, :L]
+    last = model.norm(last)
+    if output_hidden_states:
+        hidden_states.append(last)
+
+    state.record(keep, _stats(plan, layout, model.config, len(layers)))
+    outputs = (last, cache if use_cache else None,
+               tuple(hidden_states) if output_hidden_states else None, None)
+    if not return_dict:
+        return tuple(v for v in outputs if v is not None)
+    return BaseModelOutputWithPast(last_hidden_state=outputs[0], past_key_values=outputs[1],
+                                   hidden_states=outputs[2], attentions=None)
+
+
+def sparse_decode(model, cache: PrunedCache, *, input_ids, attention_mask, position_ids,
+                  inputs_embeds, output_hidden_states, return_dict):
+    """Decode steps over a pruned cache: each layer attends to exactly what it kept."""
+    if inputs_embeds is None:
+        inputs_embeds = model.embed_tokens(input_ids)
+    B, s, _ = inputs_embeds.shape
+    device = inputs_embeds.device
+    past = cache.get_seq_length(0)
+    if position_ids is None:
+        position_ids = torch.arange(past, past + s, device=device)[None]
+    _ensure_rope(model.layers, inputs_embeds, past + s)
+    new_valid = (attention_mask[:, -s:].bool() if attention_mask is not None
+                 else torch.ones(B, s, dtype=torch.bool, device=device))
+    impl = getattr(model.config, "_attn_implementation", "eager")
+    masks = []
+    for st, valid in enumerate(cache.stage_valid):
+        valid = torch.cat([valid, new_valid], 1)
+        cache.stage_valid[st] = valid
+        masks.append(attention_mask_for(valid, False, inputs_embeds.dtype, impl, queries=s))
+
+    hidden = inputs_embeds
+    hidden_states = [] if output_hidden_states else None
+    for i, layer in enumerate(model.layers):
+        if output_hidden_states:
+            hidden_states.append(hidden)
+        out = layer(hidden, attention_mask=masks[cache.layer_stage[i]], position_ids=position_ids,
+                    past_key_value=cache, output_attentions=False, use_cache=True)
+        hidden = out[0]
+    hidden = model.norm(hidden)
+    if output_hidden_states:
+        hidden_states.append(hidden)
+    outputs = (hidden, cache, tuple(hidden_states) if output_hidden_states else None)
+    if not return_dict:
+        return tuple(v for v in outputs if v is not None)
+    return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache,
+                                   hidden_states=outputs[2], attentions=None)
+
+
+def _stats(plan: PrefillPlan, layout: BatchLayout, model_config, num_layers: int) -> dict:
+    return {
+        "pruning_layers": [s.layer for s in plan.stages],
+        "visual_tokens": list(plan.visual_counts),
+        "kept_visual": [[s.kept[b] for s in plan.stages] for b in range(len(plan.visual_counts))],
+        "recycled": [[s.recycled[b] for s in plan.stages] for b in range(len(plan.visual_counts))],
+        "tokens_per_layer": plan.tokens_per_layer(num_layers),
+        "image_spans": [s.image_spans for s in layout.samples],
+        "flops": flops_summary(plan, model_config, num_layers),
+    }
