@@ -160,18 +160,32 @@ def _patch_llava(module) -> None:
 
 
 def _patch_trainer(module) -> None:
-    from .distill import compute_loss
+    from . import distill
 
     owner = module.LLaVATrainer
     if not _installed or _is_patched(owner, "compute_loss"):
         return
-    _wrap(owner, "compute_loss", compute_loss)
+    _wrap(owner, "compute_loss", distill.compute_loss)
+    _wrap(owner, "log", distill.log)
+
+
+def _patch_train_module(module) -> None:
+    """llava.train.train: the sparse flags in upstream's parser, and a CPU-safe save."""
+    from . import train
+
+    if not _installed or _is_patched(module, "TrainingArguments"):
+        return
+    _patches.append((module, "TrainingArguments", module.__dict__["TrainingArguments"]))
+    module.TrainingArguments = train.training_arguments_class(module.TrainingArguments)
+    _wrap(module, "safe_save_model_for_hf_trainer", train.safe_save)
+    train.allow_numpy_rng_state()
 
 
 _HOOKS = {
     "transformers.models.llama.modeling_llama": _patch_transformers,
     "llava.model.llava_arch": _patch_llava,
     "llava.train.llava_trainer": _patch_trainer,
+    "llava.train.train": _patch_train_module,
 }
 
 

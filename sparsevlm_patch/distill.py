@@ -1,0 +1,218 @@
+"""Teacher-student distillation inside upstream's `LLaVATrainer`.
+
+`compute_loss` (installed on LLaVATrainer by the hooks) runs the sparse student as
+upstream does (LM loss from upstream's own forward), runs the frozen dense teacher on
+the same batch without grad, and adds `align_loss_weight` x MSE between their last
+hidden states on the tokens the student kept.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import make_config
+from .state import disable, enable, language_model, last_keep_mask, unwrap
+
+SETUP_ATTR = "_sparsevlm_distill"
+TEACHER_CONFIG_FIELDS = (
+    "image_aspect_ratio", "tokenizer_padding_side", "tokenizer_model_max_length", "mm_use_im_start_end",
+    "mm_use_im_patch_token", "mm_patch_merge_type", "image_grid_pinpoints", "mm_vision_select_layer",
+    "mm_vision_select_feature",
+)
+# Training flags and their defaults when a trainer's args lack them (own launchers).
+FLAG_DEFAULTS = {
+    "sparse": True, "retain_tokens": None, "pruning_layers": "2,6,15", "keep_schedule": None,
+    "token_recycling": True, "teacher_model_name_or_path": None, "align_loss_weight": 1.0,
+}
+FLAG_NAMES = {"retain_tokens": "--retain_tokens", "pruning_layers": "--pruning_layers",
+              "keep_schedule": "--keep_schedule", "recycle": "--token_recycling"}
+
+
+_COMPUTE_LOSS_SIGNATURE = inspect.Signature([
+    inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    inspect.Parameter("inputs", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    inspect.Parameter("return_outputs", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=False)])
+
+
+@dataclass
+class DistillSetup:
+    teacher: Optional[torch.nn.Module]
+    align_loss_weight: float
+    sparse: bool
+    metrics: dict  # running sums since the last log: name -> [sum tensor, count]
+
+
+def _arg(args, name):
+    return getattr(args, name, FLAG_DEFAULTS[name])
+
+
+def training_mode(args) -> str:
+    if getattr(args, "lora_enable", False):
+        return "LoRA"
+    if getattr(args, "tune_mm_mlp_adapter", False):
+        return "projector only (tune_mm_mlp_adapter)"
+    if getattr(args, "freeze_backbone", False):
+        return "freeze backbone"
+    return "full fine-tuning"
+
+
+def parameter_counts(model) -> tuple:
+    params = list(unwrap(model).parameters()) if not hasattr(model, "get_base_model") else list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return trainable, sum(p.numel() for p in params)
+
+
+def load_teacher(student, path: str, dtype: torch.dtype, device) -> torch.nn.Module:
+    """The frozen dense teacher: upstream's class loaded from `path`, sharing the student's
+    (frozen) vision tower so both see identical image features."""
+    from llava.model import LlavaLlamaForCausalLM
+
+    student = unwrap(student)
+    teacher = LlavaLlamaForCausalLM.from_pretrained(
+        path, torch_dtype=dtype, attn_implementation=student.config._attn_implementation)
+    for name in TEACHER_CONFIG_FIELDS:
+        if hasattr(student.config, name):
+            setattr(teacher.config, name, getattr(student.config, name))
+    inner, student_inner = teacher.get_model(), student.get_model()
+    # Share, not register: the tower must not become a teacher parameter (dtype, device, freezing).
+    inner._modules.pop("vision_tower", None)
+    inner.__dict__["vision_tower"] = student_inner.get_vision_tower()
+    if not hasattr(inner, "mm_projector"):
+        # A text-only checkpoint (e.g. projector pretraining from Vicuna): the teacher sees the
+        # images through a frozen copy of the student's initial projector.
+        inner.mm_projector = copy.deepcopy(student_inner.mm_projector)
+        teacher.config.mm_hidden_size = student.config.mm_hidden_size
+    vocab = student.get_input_embeddings().weight.shape[0]
+    if teacher.get_input_embeddings().weight.shape[0] != vocab:
+        teacher.resize_token_embeddings(vocab)
+    teacher.to(device=device, dtype=dtype)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    disable(teacher)
+    return teacher
+
+
+def _setup(trainer, model) -> DistillSetup:
+    setup = trainer.__dict__.get(SETUP_ATTR)
+    if setup is not None:
+        return setup
+    args = trainer.args
+    student = unwrap(model)
+    if _arg(args, "sparse"):
+        enable(student, retain_tokens=_arg(args, "retain_tokens"), pruning_layers=_arg(args, "pruning_layers"),
+               keep_schedule=_arg(args, "keep_schedule"), recycle=_arg(args, "token_recycling"))
+    else:
+        disable(student)
+    weight = float(_arg(args, "align_loss_weight"))
+    teacher = None
+    if weight > 0:
+        path = _arg(args, "teacher_model_name_or_path") or student.config._name_or_path
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        teacher = load_teacher(student, path, dtype, args.device)
+    trainable, total = parameter_counts(model)
+    if args.process_index == 0:
+        print(f"sparsevlm_patch: {training_mode(args)}: trainable parameters {trainable:,} / {total:,} "
+              f"({100 * trainable / max(total, 1):.4f}%), teacher excluded"
+              f"{'' if teacher is None else ' (teacher: ' + path + ', frozen, dense)'}", flush=True)
+    setup = DistillSetup(teacher, weight, bool(_arg(args, "sparse")), {})
+    trainer.__dict__[SETUP_ATTR] = setup
+    return setup
+
+
+class _Capture:
+    """Captures a LlamaModel's attention mask (pre-hook) and final-norm output (hook)."""
+
+    def __init__(self, inner):
+        self.mask = self.hidden = None
+        self.handles = [
+            inner.register_forward_pre_hook(self._pre, with_kwargs=True),
+            inner.norm.register_forward_hook(self._post),
+        ]
+
+    def _pre(self, module, args, kwargs):
+        self.mask = kwargs.get("attention_mask")
+
+    def _post(self, module, args, output):
+        self.hidden = output
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def teacher_hidden(teacher, inputs: dict) -> torch.Tensor:
+    """Teacher's last hidden state on the batch (no LM head, no grad)."""
+    with torch.no_grad():
+        _, position_ids, attention_mask, _, embeds, _ = teacher.prepare_inputs_labels_for_multimodal(
+            inputs["input_ids"], None, inputs.get("attention_mask"), None, None,
+            inputs.get("images"), inputs.get("image_sizes"))
+        out = teacher.get_model()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
+
+
+def align_loss(student_hidden, teacher_hidden, keep) -> torch.Tensor:
+    """MSE over hidden units, averaged over the kept (valid) tokens."""
+    per_token = (student_hidden.float() - teacher_hidden.float()).pow(2).mean(-1)
+    keep = keep.to(per_token.dtype)
+    return (per_token * keep).sum() / keep.sum().clamp(min=1)
+
+
+def compute_loss(wrapped, trainer, args, kwargs):
+    """LLaVATrainer.compute_loss: LM loss + align_loss_weight x alignment loss."""
+    bound = _COMPUTE_LOSS_SIGNATURE.bind(*args, **kwargs)
+    model, inputs = bound.arguments["model"], bound.arguments["inputs"]
+    return_outputs = bound.arguments.get("return_outputs", False)
+    setup = _setup(trainer, model)
+    inner = language_model(model)
+    capture = _Capture(inner)
+    try:
+        loss, outputs = wrapped(model, inputs, return_outputs=True)
+    finally:
+        capture.close()
+    _add_metric(setup, "lm_loss", loss.detach())
+    if setup.sparse:
+        stats = getattr(inner.__dict__.get("_sparsevlm_state"), "stats", None) or {}
+        for layer, kept in zip(stats.get("pruning_layers", []), zip(*stats.get("kept_visual", [[]]))):
+            _add_metric(setup, f"kept_visual_l{layer}", torch.tensor(sum(kept) / max(len(kept), 1)))
+    if setup.teacher is not None:
+        keep = last_keep_mask(model) if setup.sparse else None
+        if keep is None:
+            mask = capture.mask
+            keep = (mask.bool() if mask is not None
+                    else torch.ones(capture.hidden.shape[:2], dtype=torch.bool, device=capture.hidden.device))
+        align = align_loss(capture.hidden, teacher_hidden(setup.teacher, inputs), keep)
+        _add_metric(setup, "align_loss", align.detach())
+        loss = loss + setup.align_loss_weight * align
+    return (loss, outputs) if return_outputs else loss
+
+
+def _add_metric(setup: DistillSetup, name: str, value: torch.Tensor) -> None:
+    total = setup.metrics.setdefault(name, [0.0, 0])
+    total[0] = total[0] + value.float()
+    total[1] += 1
+
+
+def log(wrapped, trainer, args, kwargs):
+    """LLaVATrainer.log: adds the distillation metrics averaged since the last log."""
+    logs = args[0] if args else kwargs["logs"]
+    setup = trainer.__dict__.get(SETUP_ATTR)
+    if setup is not None and "loss" in logs and setup.metrics:
+        for name, (total, count) in setup.metrics.items():
+            logs[name] = float(total) / count
+        setup.metrics.clear()
+    return wrapped(*args, **kwargs)
+
+
+def check_flags(args) -> None:
+    """Validate the sparse training flags (before any model is loaded)."""
+    make_config(_arg(args, "retain_tokens"), _arg(args, "pruning_layers"), _arg(args, "keep_schedule"),
+                _arg(args, "token_recycling"), names=FLAG_NAMES)
+    weight = _arg(args, "align_loss_weight")
+    if not isinstance(weight, (int, float)) or weight < 0 or weight != weight:
+        raise ValueError(f"--align_loss_weight={weight!r} is not valid: expected a number >= 0 "
+                         "(0 turns the teacher off)")

@@ -1,0 +1,90 @@
+"""Distillation training through upstream's unchanged `llava.train.train.train()`.
+
+    python -m sparsevlm_patch.train <upstream flags> --retain_tokens 64 --align_loss_weight 1.0
+    deepspeed sparsevlm_patch/train.py <upstream flags> --deepspeed zero2.json
+
+The hooks give upstream's parser the sparse flags (a TrainingArguments subclass put in
+place of upstream's, so `--help` lists them and unknown flags still fail as upstream),
+and give LLaVATrainer the distillation loss. `import sparsevlm_patch` followed by
+upstream's `train()` (what `train_mem.py` does) gets the same.
+"""
+import os
+import sys
+
+if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # run as a script (deepspeed launcher): don't let our modules shadow others
+
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Optional  # noqa: E402
+from unittest import mock  # noqa: E402
+
+import torch  # noqa: E402
+
+
+def training_arguments_class(base):
+    """Upstream's TrainingArguments plus the sparse and distillation flags."""
+    from sparsevlm_patch.distill import check_flags
+
+    @dataclass
+    class TrainingArguments(base):
+        sparse: bool = field(default=True, metadata={"help": "Prune the student's visual tokens (SparseVLM)."})
+        retain_tokens: Optional[int] = field(default=None, metadata={
+            "help": "Visual-token budget: 192, 128, 96, 64 (presets) or a number; default 192."})
+        pruning_layers: str = field(default="2,6,15", metadata={"help": "Decoder layers that prune, e.g. 2,6,15."})
+        keep_schedule: Optional[str] = field(default=None, metadata={
+            "help": "Visual tokens kept at each pruning layer, e.g. 66,30,17 (instead of --retain_tokens)."})
+        token_recycling: bool = field(default=True, metadata={"help": "Merge the best pruned tokens into a few."})
+        teacher_model_name_or_path: Optional[str] = field(default=None, metadata={
+            "help": "Frozen dense teacher (default: --model_name_or_path)."})
+        align_loss_weight: float = field(default=1.0, metadata={
+            "help": "Weight of the student-teacher hidden-state MSE; 0 loads no teacher."})
+
+        def __post_init__(self):
+            check_flags(self)  # before any model is loaded
+            super().__post_init__()
+
+    # Picklable (the Trainer saves its args): a module attribute under the class's own name.
+    TrainingArguments.__name__ = TrainingArguments.__qualname__ = "SparseTrainingArguments"
+    globals()["SparseTrainingArguments"] = TrainingArguments
+    return TrainingArguments
+
+
+@contextmanager
+def _no_cuda_sync():
+    """Upstream's save calls torch.cuda.synchronize() unconditionally; on CPU it is a no-op."""
+    if torch.cuda.is_available():
+        yield
+    else:
+        with mock.patch.object(torch.cuda, "synchronize", lambda *a, **k: None):
+            yield
+
+
+def safe_save(wrapped, instance, args, kwargs):
+    """llava.train.train.safe_save_model_for_hf_trainer, runnable without CUDA."""
+    with _no_cuda_sync():
+        return wrapped(*args, **kwargs)
+
+
+def allow_numpy_rng_state() -> None:
+    """transformers 4.37 saves the RNG state with numpy arrays; torch >= 2.6 loads it with
+    weights_only=True and refuses them. Allow exactly those numpy types (never
+    weights_only=False), so --resume_from_checkpoint works."""
+    import numpy as np
+
+    reconstruct = getattr(getattr(np, "_core", np.core), "multiarray")._reconstruct
+    allowed = [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    torch.serialization.add_safe_globals(allowed)
+
+
+def main() -> None:
+    import sparsevlm_patch
+
+    sparsevlm_patch.apply()
+    from llava.train import train as llava_train
+
+    llava_train.train()
+
+
+if __name__ == "__main__":
+    main()
