@@ -50,12 +50,13 @@ def _arg(args, name):
     return getattr(args, name, FLAG_DEFAULTS[name])
 
 
-def training_mode(args) -> str:
+def training_mode(args, model) -> str:
     if getattr(args, "lora_enable", False):
         return "LoRA"
     if getattr(args, "tune_mm_mlp_adapter", False):
         return "projector only (tune_mm_mlp_adapter)"
-    if getattr(args, "freeze_backbone", False):
+    # --freeze_backbone is a model argument the trainer never sees: read it off the model.
+    if not any(p.requires_grad for p in language_model(model).parameters()):
         return "freeze backbone"
     return "full fine-tuning"
 
@@ -115,7 +116,7 @@ def _setup(trainer, model) -> DistillSetup:
         teacher = load_teacher(student, path, dtype, args.device)
     trainable, total = parameter_counts(model)
     if args.process_index == 0:
-        print(f"sparsevlm_patch: {training_mode(args)}: trainable parameters {trainable:,} / {total:,} "
+        print(f"sparsevlm_patch: {training_mode(args, model)}: trainable parameters {trainable:,} / {total:,} "
               f"({100 * trainable / max(total, 1):.4f}%), teacher excluded"
               f"{'' if teacher is None else ' (teacher: ' + path + ', frozen, dense)'}", flush=True)
     setup = DistillSetup(teacher, weight, bool(_arg(args, "sparse")), {})
