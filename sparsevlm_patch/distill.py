@@ -56,7 +56,7 @@ def training_mode(args, model) -> str:
     if getattr(args, "tune_mm_mlp_adapter", False):
         return "projector only (tune_mm_mlp_adapter)"
     # --freeze_backbone is a model argument the trainer never sees: read it off the model.
-    if not any(p.requires_grad for p in language_model(model).parameters()):
+    if not any(p.requires_grad for p in language_model(model).layers.parameters()):
         return "freeze backbone"
     return "full fine-tuning"
 

@@ -186,9 +186,9 @@ def test_total_loss_falls_when_overfitting(setup, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("mode, flags, trainable", [
-    ("freeze backbone", ["--freeze_backbone", "True"], ("lm_head",)),
+    ("freeze backbone", ["--freeze_backbone", "True"], ("lm_head", "mm_projector")),
     ("projector only", ["--tune_mm_mlp_adapter", "True"], ("mm_projector",)),
-    ("LoRA", ["--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16"], ("lora_",)),
+    ("LoRA", ["--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16"], ("lora_", "mm_projector")),
 ])
 def test_training_modes(setup, tmp_path, monkeypatch, capsys, mode, flags, trainable):
     out = tmp_path / "run"
@@ -243,12 +243,14 @@ def test_resume_from_checkpoint_continues(setup, tmp_path, monkeypatch):
     out = tmp_path / "resume"
     flags = upstream_flags(setup, out, steps=2) + ["--retain_tokens", "64", "--save_strategy", "steps",
                                                   "--save_steps", "2"]
-    train_in_process(monkeypatch, flags)
+    first = step_logs(train_in_process(monkeypatch, flags))
     assert os.path.isdir(out / "checkpoint-2")
     flags = upstream_flags(setup, out, steps=3) + ["--retain_tokens", "64", "--save_strategy", "no"]
     trainer = train_in_process(monkeypatch, flags)  # upstream resumes from output_dir's checkpoint-*
-    logs = step_logs(trainer)
-    assert [e["step"] for e in logs] == [3]
+    logs = step_logs(trainer)  # steps 1-2 come back from the checkpoint's state; 3 is new
+    assert [e["step"] for e in logs] == [1, 2, 3]
+    assert logs[:2] == first
+    assert math.isfinite(logs[2]["loss"]) and logs[2]["kept_visual_l15"] == 17
 
 
 def _fresh_state_dict(path):
