@@ -118,7 +118,8 @@ def _setup(trainer, model) -> DistillSetup:
     if args.process_index == 0:
         print(f"sparsevlm_patch: {training_mode(args, model)}: trainable parameters {trainable:,} / {total:,} "
               f"({100 * trainable / max(total, 1):.4f}%), teacher excluded"
-              f"{'' if teacher is None else ' (teacher: ' + path + ', frozen, dense)'}", flush=True)
+              f"{'' if teacher is None else ' (teacher: ' + path + ', frozen, dense)'}; "
+              f"student runs as {type(model).__name__}", flush=True)
     setup = DistillSetup(teacher, weight, bool(_arg(args, "sparse")), {})
     trainer.__dict__[SETUP_ATTR] = setup
     return setup

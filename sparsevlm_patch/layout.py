@@ -17,6 +17,13 @@ import torch
 IGNORE_INDEX = -100
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """Host tensor -> device without blocking the host (pinned, asynchronous copy)."""
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 @dataclass
 class SampleLayout:
     valid_count: int
@@ -59,7 +66,7 @@ class BatchLayout:
         for b, r in enumerate(rows):
             index[b, : len(r)] = torch.tensor(r, dtype=torch.long)
             valid[b, : len(r)] = True
-        return index.to(device, non_blocking=True), valid.to(device, non_blocking=True)
+        return to_device(index, device), to_device(valid, device)
 
 
 def _runs(flags: List[bool]) -> List[Tuple[int, int]]:
@@ -116,6 +123,6 @@ def layout_from_probe(
         samples=samples,
         padding_side=padding_side,
         length=probe_h.shape[1],
-        valid=valid_h.to(device, non_blocking=True),
-        visual=visual_h.to(device, non_blocking=True),
+        valid=to_device(valid_h, device),
+        visual=to_device(visual_h, device),
     )

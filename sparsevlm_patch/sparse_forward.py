@@ -16,7 +16,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from .layout import BatchLayout
+from .layout import BatchLayout, to_device
 from .plan import PrefillPlan, StagePlan, flops_summary, make_plan
 from .selection import gather_rows, rater_attention, recycle, select_raters, top_k_mask, visual_scores
 
@@ -110,8 +110,11 @@ def _scores(layer, act: Active, rater_weight: torch.Tensor, rope_len: int) -> to
     return visual_scores(probs, rater_weight, act.visual)
 
 
-def _prune(layer, act: Active, stage: StagePlan, rater_weight, fallback, rope_len, length) -> Active:
+def _prune(layer, act: Active, stage: StagePlan, counts, rater_weight, fallback, rope_len, length) -> Active:
+    """Score, select, recycle and compact before `layer`. `counts`: device [4, B] copy of the
+    stage's kept / candidates / recycled / tokens (copied before the layers run)."""
     device = act.hidden.device
+    kept_n, cand_n, rec_n, tokens_n = counts
     B, N, D = act.hidden.shape
     slots = torch.arange(N, device=device)
     last_pool = (act.visual * slots).amax(dim=1)
@@ -121,13 +124,11 @@ def _prune(layer, act: Active, stage: StagePlan, rater_weight, fallback, rope_le
     act.rater_slot = rater_slot
 
     scores = _scores(layer, act, rater_weight, rope_len)
-    as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
-    kept = top_k_mask(scores, as_tensor(stage.kept), max(stage.kept))
+    kept = top_k_mask(scores, kept_n, max(stage.kept))
 
     max_rec = max(stage.recycled)
-    recycled = recycle(act.hidden, scores, act.visual & ~kept, as_tensor(stage.candidates),
-                       as_tensor(stage.recycled), max(stage.candidates), max_rec)
-    rec_ok = torch.arange(max_rec, device=device)[None] < as_tensor(stage.recycled)[:, None]
+    recycled = recycle(act.hidden, scores, act.visual & ~kept, cand_n, rec_n, max(stage.candidates), max_rec)
+    rec_ok = torch.arange(max_rec, device=device)[None] < rec_n[:, None]
 
     # New order: surviving slots in their order, recycled tokens right after the last
     # visual slot of the pool; everything dropped sorts to the end.
@@ -138,7 +139,7 @@ def _prune(layer, act: Active, stage: StagePlan, rater_weight, fallback, rope_le
                           big + N + torch.arange(max_rec, device=device)[None])
     width = max(stage.tokens)
     order = torch.argsort(torch.cat([key_old, key_rec], 1), dim=1, stable=True)[:, :width]
-    valid = torch.arange(width, device=device)[None] < as_tensor(stage.tokens)[:, None]
+    valid = torch.arange(width, device=device)[None] < tokens_n[:, None]
 
     last_pos = act.pos.gather(1, last_pool[:, None])
     orig = torch.cat([act.orig, torch.full((B, max_rec), length, device=device)], 1).gather(1, order)
@@ -180,7 +181,9 @@ def sparse_prefill(model, state, layout: BatchLayout, *, attention_mask, positio
     cand_idx, cand_ok = layout.padded_index("question", device)
     rater_weight = select_raters(gather_rows(inputs_embeds, vis_idx), vis_ok,
                                  gather_rows(inputs_embeds, cand_idx), cand_ok).float()
-    fallback = torch.tensor([s.rater_fallback for s in layout.samples], device=device)
+    fallback = to_device(torch.tensor([s.rater_fallback for s in layout.samples]), device)
+    counts = to_device(torch.tensor([[s.kept, s.candidates, s.recycled, s.tokens] for s in plan.stages]
+                                    ).reshape(len(plan.stages), 4, B), device)
 
     act = Active(
         hidden=inputs_embeds,
@@ -192,7 +195,7 @@ def sparse_prefill(model, state, layout: BatchLayout, *, attention_mask, positio
         all_valid=layout.padding_side is None,
     )
     cache = PrunedCache() if use_cache else None
-    stages = {s.layer: s for s in plan.stages}
+    stages = {s.layer: (j, s) for j, s in enumerate(plan.stages)}
     full = None
     mask = attention_mask_for(act.valid, act.all_valid, inputs_embeds.dtype, impl)
     hidden_states = [] if output_hidden_states else None
@@ -201,12 +204,12 @@ def sparse_prefill(model, state, layout: BatchLayout, *, attention_mask, positio
         cache.stage_valid.append(act.valid)
 
     for i, layer in enumerate(layers):
-        stage = stages.get(i)
+        j, stage = stages.get(i, (None, None))
         if stage is not None and stage.changes:
             if full is None:
                 full = inputs_embeds.new_zeros(B, L + 1, D)
             full = _scatter(full, act)
-            act = _prune(layer, act, stage, rater_weight, fallback, rope_len, L)
+            act = _prune(layer, act, stage, counts[j], rater_weight, fallback, rope_len, L)
             mask = attention_mask_for(act.valid, act.all_valid, inputs_embeds.dtype, impl)
             if cache is not None:
                 cache.stage_valid.append(act.valid)
