@@ -122,9 +122,9 @@ def _rope_forward(wrapped, instance, args, kwargs):
     """RoPE of a sparse model: the whole table (indexed by original position ids)."""
     if FULL_ROPE_ATTR not in instance.__dict__:
         return wrapped(*args, **kwargs)
-    a = _bind(_ROPE_SIGNATURE, (None,) + tuple(args), kwargs)
-    seq_len = max(a["seq_len"] or 0, instance.max_seq_len_cached)
-    return wrapped(a["x"], seq_len=seq_len)
+    x = args[0] if args else kwargs["x"]
+    seq_len = args[1] if len(args) > 1 else kwargs.get("seq_len")
+    return wrapped(x, seq_len=max(seq_len or 0, instance.max_seq_len_cached))
 
 
 # ----------------------------------------------------------------------------- patching
@@ -137,13 +137,12 @@ def _wrap(owner, name: str, wrapper) -> None:
 
 
 def _patch_transformers(module) -> None:
-    global _LLAMA_SIGNATURE, _ROPE_SIGNATURE
+    global _LLAMA_SIGNATURE
     if not _installed or _is_patched(module.LlamaModel, "forward"):
         return
     compat.check_signature("LlamaModel.forward", module.LlamaModel.forward)
     compat.check_signature("LlamaRotaryEmbedding.forward", module.LlamaRotaryEmbedding.forward)
     _LLAMA_SIGNATURE = inspect.signature(module.LlamaModel.forward)
-    _ROPE_SIGNATURE = inspect.signature(module.LlamaRotaryEmbedding.forward)
     _wrap(module.LlamaModel, "forward", _llama_forward)
     _wrap(module.LlamaRotaryEmbedding, "forward", _rope_forward)
 
