@@ -5,6 +5,8 @@
     model.generate(input_ids, images=images, image_sizes=sizes, max_new_tokens=32)
     sparsevlm_patch.last_stats(model)
 """
+import sys
+
 from .config import SparseConfig, env_enabled
 from .hooks import apply, remove
 from .state import disable, enable, last_keep_mask, last_stats
@@ -12,5 +14,14 @@ from .state import disable, enable, last_keep_mask, last_stats
 __all__ = ["SparseConfig", "apply", "remove", "enable", "disable", "last_keep_mask", "last_stats"]
 __version__ = "0.1.0"
 
-if env_enabled():
+
+def _runner_starting() -> bool:
+    """True while `python -m sparsevlm_patch.run` imports this package to find the runner
+    (sys.argv[0] is "-m" until then): the runner applies the environment itself, so that a
+    bad value ends as a usage error (exit code 2) instead of a traceback."""
+    argv = getattr(sys, "orig_argv", [])
+    return sys.argv[:1] == ["-m"] and ("sparsevlm_patch.run" in argv or "-msparsevlm_patch.run" in argv)
+
+
+if not _runner_starting() and env_enabled():
     apply()

@@ -16,6 +16,17 @@ from .config import DEFAULT_LAYERS, SparseConfig, config_from_env, env_enabled, 
 STATE_ATTR = "_sparsevlm_state"
 FULL_ROPE_ATTR = "_sparsevlm_full_rope_table"
 
+# Called with the stats dict of every recorded prefill (e.g. by `python -m sparsevlm_patch.run`).
+_listeners = []
+
+
+def add_listener(fn) -> None:
+    _listeners.append(fn)
+
+
+def remove_listener(fn) -> None:
+    _listeners.remove(fn)
+
 
 @dataclass
 class SparseState:
@@ -27,6 +38,8 @@ class SparseState:
 
     def record(self, keep_mask: torch.Tensor, stats: dict) -> None:
         self.keep_mask, self.stats = keep_mask, stats
+        for fn in list(_listeners):
+            fn(stats)
 
     def clear(self) -> None:
         self.keep_mask = self.stats = None
