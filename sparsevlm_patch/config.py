@@ -109,7 +109,10 @@ def parse_int_list(flag: str, value) -> Tuple[int, ...]:
         parts = [p for p in value.replace(" ", "").split(",") if p != ""]
         if not parts:
             raise ValueError(f"{flag}={value!r} is empty: expected {allowed}")
-        return tuple(_parse_int(flag, p, allowed) for p in parts)
+        bad = [p for p in parts if not p.lstrip("-").isdigit()]
+        if bad:
+            raise ValueError(f"{flag}={value!r}: {bad[0]!r} is not a number: expected {allowed}")
+        return tuple(int(p) for p in parts)
     if isinstance(value, Sequence):
         if len(value) == 0:
             raise ValueError(f"{flag}={value!r} is empty: expected {allowed}")

@@ -35,6 +35,10 @@ def _bind(signature, args, kwargs) -> dict:
 def _llama_forward(wrapped, instance, args, kwargs):
     """LlamaModel.forward: the sparse path for enabled LLaVA models, upstream otherwise."""
     state = instance.__dict__.get("_sparsevlm_state")
+    if state is None and hasattr(instance, "get_vision_tower"):
+        # A LLaVA model never configured whose first call skips the multimodal hook (e.g. a
+        # text-only `generate`): it runs with the environment's configuration, like the rest.
+        state = state_for(instance, auto=True)
     if state is None:
         return wrapped(*args, **kwargs)
     a = _bind(_LLAMA_SIGNATURE, (None,) + tuple(args), kwargs)
