@@ -103,7 +103,7 @@ def test_bad_env_fails_before_the_target(target_dir):
     result = run([str(folder / "tiny_generate.py"), "unused"], cwd=folder.parent,
                  SPARSEVLM_LAYERS="2,six,15")
     assert result.returncode == 2
-    assert "SPARSEVLM_LAYERS='six' is not a number" in result.stderr
+    assert "SPARSEVLM_LAYERS='2,six,15': 'six' is not a number" in result.stderr
     assert "Traceback" not in result.stderr
     assert "target argv0" not in result.stdout and "sparsevlm summary" not in result.stderr
 
