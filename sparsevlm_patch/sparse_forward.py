@@ -8,13 +8,14 @@ labels and the generation loop never see a shorter sequence.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import torch
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from .layout import BatchLayout, to_device
 from .plan import PrefillPlan, StagePlan, flops_summary, make_plan
@@ -92,6 +93,11 @@ def _run_layer(model, layer, hidden, mask, pos, cache, use_cache):
     return out[0]
 
 
+def _rotate(x: torch.Tensor, cos, sin, pos: torch.Tensor) -> torch.Tensor:
+    """RoPE on x [B, S, heads, d] in its contiguous layout (upstream's rotation, applied once)."""
+    return x * cos[pos].unsqueeze(2) + rotate_half(x) * sin[pos].unsqueeze(2)
+
+
 @torch.no_grad()
 def _scores(layer, act: Active, rater_weight: torch.Tensor, rope_len: int) -> torch.Tensor:
     """Rater -> visual attention of `layer` over the active tokens, from queries and keys."""
@@ -99,13 +105,11 @@ def _scores(layer, act: Active, rater_weight: torch.Tensor, rope_len: int) -> to
     B, N, _ = act.hidden.shape
     x = layer.input_layernorm(act.hidden)
     R = act.rater_slot.shape[1]
-    key = attn.k_proj(x).view(B, N, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
-    query = attn.q_proj(gather_rows(x, act.rater_slot))
-    query = query.view(B, R, attn.num_heads, attn.head_dim).transpose(1, 2)
+    key = attn.k_proj(x).view(B, N, attn.num_key_value_heads, attn.head_dim)
+    query = attn.q_proj(gather_rows(x, act.rater_slot)).view(B, R, attn.num_heads, attn.head_dim)
     cos, sin = attn.rotary_emb(key, seq_len=rope_len)
-    query = apply_rotary_pos_emb(query, query, cos, sin, act.pos.gather(1, act.rater_slot))[0]
-    key = apply_rotary_pos_emb(key, key, cos, sin, act.pos)[0]
-    key = repeat_kv(key, attn.num_key_value_groups)
+    query = _rotate(query, cos, sin, act.pos.gather(1, act.rater_slot)).transpose(1, 2)
+    key = repeat_kv(_rotate(key, cos, sin, act.pos).transpose(1, 2), attn.num_key_value_groups)
     probs = rater_attention(query, key, act.rater_slot, act.valid)
     return visual_scores(probs, rater_weight, act.visual)
 
@@ -262,12 +266,13 @@ def sparse_decode(model, cache: PrunedCache, *, input_ids, attention_mask, posit
 
     hidden = inputs_embeds
     hidden_states = [] if output_hidden_states else None
-    for i, layer in enumerate(model.layers):
-        if output_hidden_states:
-            hidden_states.append(hidden)
-        out = layer(hidden, attention_mask=masks[cache.layer_stage[i]], position_ids=position_ids,
-                    past_key_value=cache, output_attentions=False, use_cache=True)
-        hidden = out[0]
+    with _decode_attention_backends(device):
+        for i, layer in enumerate(model.layers):
+            if output_hidden_states:
+                hidden_states.append(hidden)
+            out = layer(hidden, attention_mask=masks[cache.layer_stage[i]], position_ids=position_ids,
+                        past_key_value=cache, output_attentions=False, use_cache=True)
+            hidden = out[0]
     hidden = model.norm(hidden)
     if output_hidden_states:
         hidden_states.append(hidden)
@@ -276,6 +281,17 @@ def sparse_decode(model, cache: PrunedCache, *, input_ids, attention_mask, posit
         return tuple(v for v in outputs if v is not None)
     return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache,
                                    hidden_states=outputs[2], attentions=None)
+
+
+def _decode_attention_backends(device: torch.device):
+    """SDPA backends for decode over a pruned cache. cuDNN attention plans anew for every
+    new key length (100+ ms per step measured on an H200, torch 2.11), and a pruned cache
+    has one length per stage: leave it out."""
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _stats(plan: PrefillPlan, layout: BatchLayout, model_config, num_layers: int) -> dict:
