@@ -6,6 +6,8 @@ fixed before the layers run and nothing here waits on the device.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -48,12 +50,12 @@ def rater_attention(
     Returns float32 [B, H, R, N]; softmax over the full key range. Memory is R x N per
     head, never N x N.
     """
-    scale = query.shape[-1] ** -0.5
-    logits = torch.matmul(query, key.transpose(-1, -2)).float() * scale
+    # Eager attention's own numerics: logits in the model's dtype, softmax in float32.
+    logits = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(query.shape[-1])
     slots = torch.arange(key.shape[2], device=key.device)
     allowed = key_valid[:, None, :] & (slots[None, None, :] <= rater_slot[:, :, None])
     logits = logits.masked_fill(~allowed[:, None], torch.finfo(logits.dtype).min)
-    return logits.softmax(dim=-1)
+    return logits.softmax(dim=-1, dtype=torch.float32)
 
 
 def visual_scores(
