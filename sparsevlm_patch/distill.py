@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .config import make_config
+from .config import DEFAULT_LAYERS, make_config
 from .state import disable, enable, language_model, last_keep_mask, unwrap
 
 SETUP_ATTR = "_sparsevlm_distill"
@@ -25,7 +25,7 @@ TEACHER_CONFIG_FIELDS = (
 )
 # Training flags and their defaults when a trainer's args lack them (own launchers).
 FLAG_DEFAULTS = {
-    "sparse": True, "retain_tokens": None, "pruning_layers": "2,6,15", "keep_schedule": None,
+    "sparse": True, "retain_tokens": None, "pruning_layers": None, "keep_schedule": None,
     "token_recycling": True, "teacher_model_name_or_path": None, "align_loss_weight": 1.0,
 }
 FLAG_NAMES = {"retain_tokens": "--retain_tokens", "pruning_layers": "--pruning_layers",
@@ -47,7 +47,8 @@ class DistillSetup:
 
 
 def _arg(args, name):
-    return getattr(args, name, FLAG_DEFAULTS[name])
+    value = getattr(args, name, FLAG_DEFAULTS[name])
+    return DEFAULT_LAYERS if name == "pruning_layers" and value is None else value
 
 
 def training_mode(args, model) -> str:
@@ -171,26 +172,37 @@ def compute_loss(wrapped, trainer, args, kwargs):
     return_outputs = bound.arguments.get("return_outputs", False)
     setup = _setup(trainer, model)
     inner = language_model(model)
+    state = inner.__dict__.get("_sparsevlm_state")
     capture = _Capture(inner)
     try:
+        state.rater_labels = inputs.get("labels")  # kept for the raters even if the Trainer pops them
         loss, outputs = wrapped(model, inputs, return_outputs=True)
     finally:
+        state.rater_labels = None
         capture.close()
+    if not model.training:  # evaluation: no training metrics
+        if setup.teacher is not None:
+            loss = loss + setup.align_loss_weight * _align(setup, model, capture, inputs)
+        return (loss, outputs) if return_outputs else loss
     _add_metric(setup, "lm_loss", loss.detach())
     if setup.sparse:
         stats = getattr(inner.__dict__.get("_sparsevlm_state"), "stats", None) or {}
         for layer, kept in zip(stats.get("pruning_layers", []), zip(*stats.get("kept_visual", [[]]))):
             _add_metric(setup, f"kept_visual_l{layer}", torch.tensor(sum(kept) / max(len(kept), 1)))
     if setup.teacher is not None:
-        keep = last_keep_mask(model) if setup.sparse else None
-        if keep is None:
-            mask = capture.mask
-            keep = (mask.bool() if mask is not None
-                    else torch.ones(capture.hidden.shape[:2], dtype=torch.bool, device=capture.hidden.device))
-        align = align_loss(capture.hidden, teacher_hidden(setup.teacher, inputs), keep)
+        align = _align(setup, model, capture, inputs)
         _add_metric(setup, "align_loss", align.detach())
         loss = loss + setup.align_loss_weight * align
     return (loss, outputs) if return_outputs else loss
+
+
+def _align(setup: DistillSetup, model, capture: "_Capture", inputs: dict) -> torch.Tensor:
+    keep = last_keep_mask(model) if setup.sparse else None
+    if keep is None:
+        mask = capture.mask
+        keep = (mask.bool() if mask is not None
+                else torch.ones(capture.hidden.shape[:2], dtype=torch.bool, device=capture.hidden.device))
+    return align_loss(capture.hidden, teacher_hidden(setup.teacher, inputs), keep)
 
 
 def _add_metric(setup: DistillSetup, name: str, value: torch.Tensor) -> None:
@@ -212,9 +224,18 @@ def log(wrapped, trainer, args, kwargs):
 
 def check_flags(args) -> None:
     """Validate the sparse training flags (before any model is loaded)."""
+    if not _arg(args, "sparse"):
+        for name in ("retain_tokens", "pruning_layers", "keep_schedule"):
+            if getattr(args, name, None) is not None:
+                raise ValueError(f"--{name}={getattr(args, name)!r} is set but --sparse is False: drop "
+                                 f"--{name}, or prune with --sparse True")
     make_config(_arg(args, "retain_tokens"), _arg(args, "pruning_layers"), _arg(args, "keep_schedule"),
                 _arg(args, "token_recycling"), names=FLAG_NAMES)
     weight = _arg(args, "align_loss_weight")
     if not isinstance(weight, (int, float)) or weight < 0 or weight != weight:
         raise ValueError(f"--align_loss_weight={weight!r} is not valid: expected a number >= 0 "
                          "(0 turns the teacher off)")
+    teacher = _arg(args, "teacher_model_name_or_path")
+    if weight == 0 and teacher:
+        raise ValueError(f"--teacher_model_name_or_path={teacher!r} is set but --align_loss_weight is 0, "
+                         "which loads no teacher: give a weight > 0 or drop the teacher path")

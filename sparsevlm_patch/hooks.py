@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
 
 import torch
 import wrapt
@@ -53,9 +54,11 @@ def _llama_forward(wrapped, instance, args, kwargs):
         return wrapped(*args, **kwargs)
     prefill = past is None or len(past) == 0 or past[0][0].shape[-2] == 0
     if not prefill:
+        _refuse_rebuilt_pruned_cache(past)
         return wrapped(*args, **kwargs)
     state.clear()
-    if layout is not None and layout.inputs_embeds is a["inputs_embeds"]:
+    layout = _match(layout, a["inputs_embeds"])
+    if layout is not None:
         if _flag(a, instance, "output_attentions"):
             raise ValueError(
                 "output_attentions=True is not supported by the sparse forward (it never builds the "
@@ -71,6 +74,36 @@ def _llama_forward(wrapped, instance, args, kwargs):
     outputs = wrapped(*args, **kwargs)
     _record_text_only(state, a)
     return outputs
+
+
+def _match(layout, embeds):
+    """The pending layout if this forward runs on its embeddings, else None.
+
+    Generation with beams or several sequences per prompt repeats each sample's embeddings
+    (`repeat_interleave`) between the splice and the prefill: the layout repeats with them.
+    """
+    if layout is None or embeds is None:
+        return None
+    if embeds is layout.inputs_embeds:
+        return layout
+    spliced = layout.inputs_embeds
+    copies = embeds.shape[0] // spliced.shape[0]
+    if copies > 1 and embeds.shape[0] == copies * spliced.shape[0] and embeds.shape[1:] == spliced.shape[1:]:
+        return layout.repeat(copies, embeds)
+    warnings.warn("sparsevlm_patch: a multimodal layout was prepared but the next forward ran on other "
+                  "embeddings; that forward ran dense (upstream)")
+    return None
+
+
+def _refuse_rebuilt_pruned_cache(past) -> None:
+    """A pruned cache that lost its per-layer masks (e.g. contrastive search rebuilds legacy
+    tuples) cannot be decoded correctly: refuse rather than attend to the wrong tokens."""
+    lengths = {layer[0].shape[-2] for layer in past}
+    if len(lengths) > 1:
+        raise ValueError(
+            "this generation mode rebuilt the pruned KV cache (layers of different lengths) and "
+            "lost its per-layer masks; it is not supported with pruning: use greedy, sampling or "
+            "beam search, or call sparsevlm_patch.disable(model)")
 
 
 def _flag(a: dict, model, config_name: str, arg_name: str = None):
@@ -112,11 +145,13 @@ def _prepare_multimodal(wrapped, instance, args, kwargs):
         image_sizes=a["image_sizes"])
     if embeds is None:
         return wrapped(*args, **kwargs)
-    labels_out = None
-    if labels is not None:
-        labels_out = torch.where(probe_out >= 0, labels.gather(1, probe_out.clamp(min=0)),
-                                 torch.full_like(probe_out, IGNORE_INDEX)).to(labels.dtype)
-    layout = layout_from_probe(probe_out, mask_out.bool(), labels_out)
+    relaid = lambda values: torch.where(  # noqa: E731  (values moved as upstream moves labels)
+        probe_out >= 0, values.gather(1, probe_out.clamp(min=0)), torch.full_like(probe_out, IGNORE_INDEX))
+    labels_out = None if labels is None else relaid(labels).to(labels.dtype)
+    rater_labels = labels if labels is not None else state.rater_labels
+    if rater_labels is not None and rater_labels.shape != input_ids.shape:
+        rater_labels = None
+    layout = layout_from_probe(probe_out, mask_out.bool(), None if rater_labels is None else relaid(rater_labels))
     layout.inputs_embeds = embeds
     state.pending = layout
     return None, position_ids, (None if attention_mask is None else mask_out), past, embeds, labels_out

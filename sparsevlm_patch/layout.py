@@ -51,6 +51,17 @@ class BatchLayout:
     def visual_counts(self) -> List[int]:
         return [s.visual_count for s in self.samples]
 
+    def repeat(self, copies: int, inputs_embeds: torch.Tensor) -> "BatchLayout":
+        """The layout of each sample repeated `copies` times in place (beams, sequences)."""
+        return BatchLayout(
+            samples=[s for s in self.samples for _ in range(copies)],
+            padding_side=self.padding_side,
+            length=self.length,
+            valid=self.valid.repeat_interleave(copies, dim=0),
+            visual=self.visual.repeat_interleave(copies, dim=0),
+            inputs_embeds=inputs_embeds,
+        )
+
     def padded_index(self, kind: str, device) -> Tuple[torch.Tensor, torch.Tensor]:
         """[B, M] column indices of each sample's visual tokens or rater candidates
         (padded with 0) and their validity mask."""

@@ -33,6 +33,7 @@ class PrunedCache(DynamicCache):
     def __init__(self) -> None:
         super().__init__()
         self.stage_valid: List[torch.Tensor] = []
+        self.stage_all_valid: List[bool] = []  # host: the stage's slots hold no pads
         self.layer_stage: List[int] = []
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
@@ -206,6 +207,7 @@ def sparse_prefill(model, state, layout: BatchLayout, *, attention_mask, positio
     stage_index = 0
     if cache is not None:
         cache.stage_valid.append(act.valid)
+        cache.stage_all_valid.append(act.all_valid)
 
     for i, layer in enumerate(layers):
         j, stage = stages.get(i, (None, None))
@@ -217,6 +219,7 @@ def sparse_prefill(model, state, layout: BatchLayout, *, attention_mask, positio
             mask = attention_mask_for(act.valid, act.all_valid, inputs_embeds.dtype, impl)
             if cache is not None:
                 cache.stage_valid.append(act.valid)
+                cache.stage_all_valid.append(act.all_valid)
                 stage_index += 1
         if cache is not None:
             cache.layer_stage.append(stage_index)
@@ -258,11 +261,16 @@ def sparse_decode(model, cache: PrunedCache, *, input_ids, attention_mask, posit
     new_valid = (attention_mask[:, -s:].bool() if attention_mask is not None
                  else torch.ones(B, s, dtype=torch.bool, device=device))
     impl = getattr(model.config, "_attn_implementation", "eager")
+    # Flash attention unpads (with host syncs) in every layer given a 2-D mask: decide once
+    # per step, as upstream does (`0 in attention_mask`), whether any mask is needed at all.
+    new_all_valid = impl == "flash_attention_2" and bool(new_valid.all())
     masks = []
     for st, valid in enumerate(cache.stage_valid):
         valid = torch.cat([valid, new_valid], 1)
         cache.stage_valid[st] = valid
-        masks.append(attention_mask_for(valid, False, inputs_embeds.dtype, impl, queries=s))
+        cache.stage_all_valid[st] = cache.stage_all_valid[st] and new_all_valid
+        masks.append(attention_mask_for(valid, cache.stage_all_valid[st], inputs_embeds.dtype, impl,
+                                        queries=s))
 
     hidden = inputs_embeds
     hidden_states = [] if output_hidden_states else None

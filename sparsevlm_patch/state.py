@@ -33,6 +33,9 @@ class SparseState:
     config: Optional[SparseConfig]
     enabled: bool = True
     pending: object = None  # BatchLayout of the next forward, set by the multimodal hook
+    # Training labels for choosing raters when the Trainer keeps them from the model
+    # (label smoothing pops them): raters must never come from answers.
+    rater_labels: Optional[torch.Tensor] = None
     keep_mask: Optional[torch.Tensor] = None
     stats: Optional[dict] = None
 

@@ -31,7 +31,8 @@ def training_arguments_class(base):
         sparse: bool = field(default=True, metadata={"help": "Prune the student's visual tokens (SparseVLM)."})
         retain_tokens: Optional[int] = field(default=None, metadata={
             "help": "Visual-token budget: 192, 128, 96, 64 (presets) or a number; default 192."})
-        pruning_layers: str = field(default="2,6,15", metadata={"help": "Decoder layers that prune, e.g. 2,6,15."})
+        pruning_layers: Optional[str] = field(default=None, metadata={
+            "help": "Decoder layers that prune, e.g. 2,6,15 (the default)."})
         keep_schedule: Optional[str] = field(default=None, metadata={
             "help": "Visual tokens kept at each pruning layer, e.g. 66,30,17 (instead of --retain_tokens)."})
         token_recycling: bool = field(default=True, metadata={"help": "Merge the best pruned tokens into a few."})

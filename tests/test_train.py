@@ -4,8 +4,9 @@ Runs happen in this process (upstream's `train()` parses `sys.argv`), which save
 import time of a subprocess per run; the trainer of each run is caught when upstream
 calls `trainer.save_state()`.
 """
-import json
+import functools
 import math
+import types
 import os
 import subprocess
 import sys
@@ -84,6 +85,8 @@ def test_sparse_flags_are_in_upstreams_parser():
     (["--pruning_layers", "0,6,15"], "--pruning_layers"),
     (["--retain_tokens", "-3"], "--retain_tokens"),
     (["--align_loss_weight", "-1"], "--align_loss_weight"),
+    (["--sparse", "False", "--retain_tokens", "64"], "--retain_tokens"),
+    (["--align_loss_weight", "0", "--teacher_model_name_or_path", "/some/teacher"], "--teacher_model_name_or_path"),
 ])
 def test_bad_flags_fail_before_loading(setup, tmp_path, monkeypatch, flags, message):
     from llava.train import train as llava_train
@@ -237,6 +240,28 @@ def test_raters_never_come_from_answers(setup):
     assert torch.equal(a, b)
     # Without labels (inference) the answer tokens would rate: the selection moves.
     assert not torch.equal(keep_mask("red red red red", False), keep_mask("blue square gray circle", False))
+
+    # With a label smoother upstream's Trainer pops the labels before the forward; the
+    # distillation loss keeps them for choosing raters, so the answers still never rate.
+    # (The stand-in smoother: upstream's own cannot score LLaVA's spliced logits.)
+    from transformers import Trainer
+
+    from sparsevlm_patch import distill
+
+    smoother = lambda outputs, labels, shift_labels=False: outputs["logits"].float().mean()  # noqa: E731
+    trainer = types.SimpleNamespace(label_smoother=smoother, args=types.SimpleNamespace(past_index=-1))
+    trainer.__dict__[distill.SETUP_ATTR] = distill.DistillSetup(None, 0.0, True, {})
+
+    def keep_mask_smoothed(answer):
+        answer_ids = torch.tensor(tokenizer(answer, add_special_tokens=False).input_ids)
+        inputs = {"input_ids": torch.cat([prompt, answer_ids])[None], "images": image,
+                  "labels": torch.cat([torch.full_like(prompt, IGNORE_INDEX), answer_ids])[None]}
+        with torch.no_grad():
+            distill.compute_loss(functools.partial(Trainer.compute_loss, trainer), trainer, (model, inputs), {})
+        return sparsevlm_patch.last_keep_mask(model)[0, : len(prompt) + 575].clone()
+
+    assert torch.equal(keep_mask_smoothed("red red red red"), a)
+    assert torch.equal(keep_mask_smoothed("blue square gray circle"), a)
 
 
 def test_resume_from_checkpoint_continues(setup, tmp_path, monkeypatch):
