@@ -1,0 +1,131 @@
+"""The fidelity study (benchmarks/fidelity/): task generator, baseline scorers, and a CPU
+smoke run of the whole pipeline (tiny sizes, a few steps; it learns nothing)."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY = os.path.join(ROOT, "benchmarks", "fidelity")
+sys.path.insert(0, STUDY)
+
+import task  # noqa: E402
+
+
+def test_questions_are_answered_by_their_region():
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = task.random_scene(rng, 336)
+        for qtype in task.QUESTION_TYPES:
+            question, answer, info = task.make_question(rng, scene, qtype)
+            assert len(answer.split()) == 1 and answer in task.answer_vocabulary()
+            cells = scene["cells"]
+            if qtype in ("color", "shape"):
+                assert task.CELL_NAMES[info["cell"]] in question
+                assert answer == cells[info["cell"]][qtype]
+            elif qtype == "row":
+                shape = question.split(" a ")[1].split(" in ")[0]
+                row = cells[3 * info["row"]: 3 * info["row"] + 3]
+                assert answer == ("yes" if any(c and c["shape"] == shape for c in row) else "no")
+            else:
+                color = question.split(" a ")[1].split(" shape")[0]
+                column = cells[info["column"]::3]
+                assert answer == ("yes" if any(c and c["color"] == color for c in column) else "no")
+
+
+def test_splits_are_upstream_json_and_held_out(tmp_path):
+    paths = task.write_splits(str(tmp_path), size=56, n_train=8, n_test_images=4, n_test=16, turns=3,
+                              n_distill=8, seed=0)
+    train = json.load(open(paths["train"]))
+    test = json.load(open(paths["test"]))
+    pretrain = json.load(open(paths["pretrain"]))
+    assert all(len(r["conversations"]) == 2 for r in pretrain)  # --version plain
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in train + test + pretrain)
+    assert all(len(r["conversations"]) == 2 for r in test)  # single turn
+    assert {r["image"] for r in train}.isdisjoint({r["image"] for r in test})
+    assert {r["info"]["type"] for r in test} == set(task.QUESTION_TYPES)
+    assert all(os.path.exists(os.path.join(paths["image_folder"], r["image"])) for r in train + test)
+    assert task.exact_match(" Yes.", "yes") and not task.exact_match("yes yes", "yes")
+
+
+def test_baseline_scorers_swap_and_restore(tiny_llava):
+    """Each baseline changes which visual tokens stay; the plugin's scorer comes back after."""
+    from llava.mm_utils import process_images
+    from PIL import Image
+
+    import sparsevlm_patch
+    import sparsevlm_patch.sparse_forward as sf
+    from run_study import scoring
+
+    tokenizer, model, processor = tiny_llava
+    scene = task.random_scene(random.Random(3), 336)
+    image = process_images([task.draw_scene(scene)], processor, model.config)
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.conversation import conv_templates
+    from llava.mm_utils import tokenizer_image_token
+
+    conv = conv_templates["v1"].copy()
+    conv.append_message(conv.roles[0], "<image>\nWhat color is the shape in the top-left cell?")
+    conv.append_message(conv.roles[1], None)
+    ids = tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+    sparsevlm_patch.enable(model, retain_tokens=64)
+    original = sf._scores
+
+    def keep(method, seed=0):
+        with scoring(method, seed=seed), torch.no_grad():
+            model(ids, images=image)
+        assert sf._scores is original
+        kept[method] = sparsevlm_patch.last_stats(model)["kept_visual"]
+        return sparsevlm_patch.last_keep_mask(model).clone()
+
+    kept = {}
+    masks = {m: keep(m) for m in ("sparsevlm", "random", "fastv_last_token", "visual_only")}
+    assert kept["sparsevlm"] == [[66, 30, 17]]
+    assert all(k == kept["sparsevlm"] for k in kept.values()), kept  # same budget for every method
+    for a in masks:
+        for b in masks:
+            if a < b:
+                assert not torch.equal(masks[a], masks[b]), (a, b)
+    assert torch.equal(keep("random", seed=0), masks["random"])
+    assert not torch.equal(keep("random", seed=1), masks["random"])
+
+
+def test_study_smoke_end_to_end(tmp_path):
+    out = tmp_path / "fidelity"
+    proc = subprocess.run([sys.executable, os.path.join(STUDY, "run_study.py"), "--preset", "smoke",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    for name in ("results.json", "results.md", "accuracy_vs_tokens.png", "study.log"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "results.json").read_text())
+    assert "error" not in report
+    results = report["results"]
+    assert set(results) == {"dense", "sparsevlm", "random", "fastv_last_token", "visual_only",
+                            "sparsevlm_distilled"}
+    assert 0.0 <= results["dense"]["accuracy"] <= 1.0 and results["dense"]["flops_vs_dense"] == 1.0
+    for method, per_budget in results.items():
+        if method == "dense":
+            continue
+        assert set(per_budget) == {"192", "128", "96", "64"}, method
+        for budget, entry in per_budget.items():
+            assert 0.0 <= entry["accuracy"] <= 1.0 and entry["n"] == report["data"]["test_questions"]
+            assert 0.0 < entry["flops_vs_dense"] < 1.0, (method, budget)
+    # Same per-layer budgets for every selection rule at a given retain value.
+    for budget in ("192", "64"):
+        kept = {m: results[m][budget]["kept_visual_per_layer"] for m in results if m != "dense"}
+        assert len({tuple(v) for v in kept.values()}) == 1, kept
+    training = report["training"]
+    for stage in ("pretrain", "finetune", "distill-192", "distill-128", "distill-96", "distill-64"):
+        assert stage in training and math.isfinite(training[stage]["loss_last"]), stage
+        assert stage in report["commands"]
+    assert "--tune_mm_mlp_adapter True" in report["commands"]["pretrain"]
+    assert "--sparse False --align_loss_weight 0" in report["commands"]["finetune"]
+    assert "--retain_tokens 64" in report["commands"]["distill-64"]
+    assert training["distill-64"]["align_loss_last"] > 0
+    md = (out / "results.md").read_text()
+    assert "retain 64" in md and "prefill FLOPs" in md
