@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -68,14 +69,33 @@ def parameter_counts(model) -> tuple:
     return trainable, sum(p.numel() for p in params)
 
 
+@contextmanager
+def _outside_zero3():
+    """Under DeepSpeed ZeRO-3 `from_pretrained` partitions a model for the engine being built;
+    the teacher belongs to no engine, so it is loaded whole (replicated on every rank, frozen)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    if config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
+
+
 def load_teacher(student, path: str, dtype: torch.dtype, device) -> torch.nn.Module:
     """The frozen dense teacher: upstream's class loaded from `path`, sharing the student's
     (frozen) vision tower so both see identical image features."""
     from llava.model import LlavaLlamaForCausalLM
 
     student = unwrap(student)
-    teacher = LlavaLlamaForCausalLM.from_pretrained(
-        path, torch_dtype=dtype, attn_implementation=student.config._attn_implementation)
+    with _outside_zero3():
+        teacher = LlavaLlamaForCausalLM.from_pretrained(
+            path, torch_dtype=dtype, attn_implementation=student.config._attn_implementation)
     for name in TEACHER_CONFIG_FIELDS:
         if hasattr(student.config, name):
             setattr(teacher.config, name, getattr(student.config, name))
@@ -88,9 +108,10 @@ def load_teacher(student, path: str, dtype: torch.dtype, device) -> torch.nn.Mod
         # images through a frozen copy of the student's initial projector.
         inner.mm_projector = copy.deepcopy(student_inner.mm_projector)
         teacher.config.mm_hidden_size = student.config.mm_hidden_size
-    vocab = student.get_input_embeddings().weight.shape[0]
-    if teacher.get_input_embeddings().weight.shape[0] != vocab:
-        teacher.resize_token_embeddings(vocab)
+    vocab = student.get_input_embeddings().num_embeddings  # true size also when ZeRO-3 partitions it
+    if teacher.get_input_embeddings().num_embeddings != vocab:
+        with _outside_zero3():
+            teacher.resize_token_embeddings(vocab)
     teacher.to(device=device, dtype=dtype)
     teacher.requires_grad_(False)
     teacher.eval()
