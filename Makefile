@@ -17,7 +17,7 @@ $(STAMP):
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install transformers==4.37.2 tokenizers==0.15.2 sentencepiece==0.2.3 \
-		accelerate==0.34.2 peft==0.13.2 wrapt pillow pytest
+		accelerate==0.34.2 peft==0.13.2 wrapt pillow pytest matplotlib
 	# llava-torch pins torch 2.0.1 and friends: install it without its dependencies
 	# (pip then reports "dependency conflicts" with those pins, here and at later
 	# installs: expected and harmless).

@@ -65,8 +65,9 @@ def training_mode(args, model) -> str:
 
 def parameter_counts(model) -> tuple:
     params = list(unwrap(model).parameters()) if not hasattr(model, "get_base_model") else list(model.parameters())
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    return trainable, sum(p.numel() for p in params)
+    size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 partitions report 0)
+    trainable = sum(size(p) for p in params if p.requires_grad)
+    return trainable, sum(size(p) for p in params)
 
 
 @contextmanager
