@@ -88,6 +88,21 @@ def _outside_zero3():
         hf_deepspeed.set_hf_deepspeed_config(config)
 
 
+def _teacher_vision_tower(student, device):
+    """The student's frozen vision tower, shared with the teacher; under ZeRO-3 (where the
+    student's engine owns and re-partitions it) a whole copy loaded from the same weights,
+    in the same dtype, so both still see identical image features."""
+    from llava.model.multimodal_encoder.builder import build_vision_tower
+
+    tower = student.get_model().get_vision_tower()
+    params = list(tower.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        return tower
+    with _outside_zero3():
+        copy_ = build_vision_tower(student.config)
+    return copy_.to(device=device, dtype=params[0].dtype).requires_grad_(False)
+
+
 def load_teacher(student, path: str, dtype: torch.dtype, device) -> torch.nn.Module:
     """The frozen dense teacher: upstream's class loaded from `path`, sharing the student's
     (frozen) vision tower so both see identical image features."""
@@ -103,7 +118,7 @@ def load_teacher(student, path: str, dtype: torch.dtype, device) -> torch.nn.Mod
     inner, student_inner = teacher.get_model(), student.get_model()
     # Share, not register: the tower must not become a teacher parameter (dtype, device, freezing).
     inner._modules.pop("vision_tower", None)
-    inner.__dict__["vision_tower"] = student_inner.get_vision_tower()
+    inner.__dict__["vision_tower"] = _teacher_vision_tower(student, device)
     if not hasattr(inner, "mm_projector"):
         # A text-only checkpoint (e.g. projector pretraining from Vicuna): the teacher sees the
         # images through a frozen copy of the student's initial projector.
@@ -141,11 +156,16 @@ def _setup(trainer, model) -> DistillSetup:
     if args.process_index == 0:
         print(f"sparsevlm_patch: {training_mode(args, model)}: trainable parameters {trainable:,} / {total:,} "
               f"({100 * trainable / max(total, 1):.4f}%), teacher excluded"
-              f"{'' if teacher is None else ' (teacher: ' + path + ', frozen, dense)'}; "
+              f"{'' if teacher is None else _describe_teacher(teacher, path)}; "
               f"student runs as {type(model).__name__}", flush=True)
     setup = DistillSetup(teacher, weight, bool(_arg(args, "sparse")), {})
     trainer.__dict__[SETUP_ATTR] = setup
     return setup
+
+
+def _describe_teacher(teacher, path: str) -> str:
+    whole = sum(p.numel() for p in teacher.parameters())  # 0 if it had been partitioned
+    return f" (teacher: {path}, {whole:,} parameters on this rank, frozen, dense)"
 
 
 class _Capture:
@@ -210,7 +230,7 @@ def compute_loss(wrapped, trainer, args, kwargs):
     if setup.sparse:
         stats = getattr(inner.__dict__.get("_sparsevlm_state"), "stats", None) or {}
         for layer, kept in zip(stats.get("pruning_layers", []), zip(*stats.get("kept_visual", [[]]))):
-            _add_metric(setup, f"kept_visual_l{layer}", torch.tensor(sum(kept) / max(len(kept), 1)))
+            _add_metric(setup, f"kept_visual_l{layer}", torch.tensor(sum(kept) / max(len(kept), 1)).to(loss.device))
     if setup.teacher is not None:
         align = _align(setup, model, capture, inputs)
         _add_metric(setup, "align_loss", align.detach())
@@ -238,8 +258,13 @@ def log(wrapped, trainer, args, kwargs):
     logs = args[0] if args else kwargs["logs"]
     setup = trainer.__dict__.get(SETUP_ATTR)
     if setup is not None and "loss" in logs and setup.metrics:
-        for name, (total, count) in setup.metrics.items():
-            logs[name] = float(total) / count
+        names = sorted(setup.metrics)
+        means = torch.stack([setup.metrics[n][0] / setup.metrics[n][1] for n in names])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank logs at the same steps: average over ranks, as the Trainer does for `loss`.
+            torch.distributed.all_reduce(means)
+            means /= torch.distributed.get_world_size()
+        logs.update(zip(names, means.tolist()))
         setup.metrics.clear()
     return wrapped(*args, **kwargs)
 
