@@ -142,8 +142,11 @@ def _setup(trainer, model) -> DistillSetup:
     args = trainer.args
     student = unwrap(model)
     if _arg(args, "sparse"):
-        enable(student, retain_tokens=_arg(args, "retain_tokens"), pruning_layers=_arg(args, "pruning_layers"),
-               keep_schedule=_arg(args, "keep_schedule"), recycle=_arg(args, "token_recycling"))
+        flags = dict(retain_tokens=_arg(args, "retain_tokens"), pruning_layers=_arg(args, "pruning_layers"),
+                     keep_schedule=_arg(args, "keep_schedule"), recycle=_arg(args, "token_recycling"))
+        # The model's depth is known only now: check the layers against it under the flags' names.
+        make_config(**flags, num_layers=student.config.num_hidden_layers, names=FLAG_NAMES)
+        enable(student, **flags)
     else:
         disable(student)
     weight = float(_arg(args, "align_loss_weight"))

@@ -100,6 +100,11 @@ def test_bad_flags_fail_before_loading(setup, tmp_path, monkeypatch, flags, mess
     assert loaded == []
 
 
+def test_layer_past_the_models_depth_names_the_flag(setup, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"--pruning_layers='2,6,16'.*past the model's depth"):
+        train_in_process(monkeypatch, upstream_flags(setup, tmp_path, steps=1) + ["--pruning_layers", "2,6,16"])
+
+
 def test_unknown_flag_fails_as_upstream(setup, tmp_path, monkeypatch):
     from llava.train import train as llava_train
 
