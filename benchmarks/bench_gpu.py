@@ -18,12 +18,10 @@ own classes on the GPU (CLIP ViT-L/14-336 saved to a temp folder so that upstrea
   functions), with a breakdown into the helpers they call.
 - generation: time to first token, decode tokens/s for 128 new tokens, KV-cache bytes, dense
   vs retain 64, batch 1 and 8.
-- scores_variants: prototypes of selection fixes patched in for that section only (the package
-  files are not changed), and GPU-busy time at batch 8.
+- gpu_busy: GPU-busy time (profiler) at batch 8: dense, retain 64, ideal stack.
 - distill: distillation training step through `sparsevlm_patch.distill.compute_loss` vs the
   dense upstream step, batch 8, retain 64/192, time and peak memory (if distill.py exists).
 - 13b: LLaVA-1.5-13B shapes, prefill at batch 8.
-(decode_diag, an earlier decode diagnosis, runs only with --only decode_diag.)
 
 Timings are medians over interleaved rounds (every configuration once per round, the order
 rotated), after warm-up, with CUDA events. Checks: sparse outputs finite, kept visual tokens
@@ -636,7 +634,7 @@ class RegionTimer:
 
     NAMES = ("select_raters", "_prune", "_scores", "_scatter")
     # finer: the helpers _scores/_prune call, looked up in sparse_forward's namespace
-    DETAIL = NAMES + ("apply_rotary_pos_emb", "repeat_kv", "rater_attention", "visual_scores",
+    DETAIL = NAMES + ("_rotate", "repeat_kv", "rater_attention", "visual_scores",
                       "top_k_mask", "recycle", "gather_rows")
 
     def __init__(self, ctx: Ctx, names=NAMES):
@@ -721,7 +719,7 @@ def selection_share(ctx: Ctx):
         key = f"b{b}/{mode_name(mode)}"
         if names is RegionTimer.DETAIL:
             g = med.get
-            med["scores_norm_kproj_qproj_ms"] = g("_scores", 0) - g("apply_rotary_pos_emb", 0) - \
+            med["scores_norm_kproj_qproj_ms"] = g("_scores", 0) - g("_rotate", 0) - \
                 g("repeat_kv", 0) - g("rater_attention", 0) - g("visual_scores", 0)
             med["prune_other_ms"] = g("_prune", 0) - g("_scores", 0) - g("top_k_mask", 0) - g("recycle", 0)
             key += "/detail"
@@ -828,60 +826,6 @@ def section_generation(ctx: Ctx):
     ctx.results["generation_7b"] = res
 
 
-def section_decode_diag(ctx: Ctx):
-    """Where decode time goes: per-step time dense vs sparse with torch's default SDPA backend
-    choice and with cuDNN attention excluded; profiler tables of a few decode steps; and
-    prefill at the middle batch without cuDNN attention."""
-    import contextlib
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    model = ctx.model
-    steps = 4 if ctx.tiny else 24
-    backends = {"default": None,
-                "no_cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]}
-    modes = {"dense": "dense", "r64_rec": (64, True)}
-    res = {"steps": steps}
-    for b in ctx.batches[:2]:
-        p = ctx.prepared[b]
-
-        def gen(n, p=p):
-            return model.generate(p.input_ids, images=p.images, image_sizes=p.image_sizes,
-                                  do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=n,
-                                  use_cache=True, return_dict_in_generate=True, pad_token_id=0)
-
-        for bk_name, bk in backends.items():
-            for name, mode in modes.items():
-                set_mode(model, mode)
-                with (sdpa_kernel(bk) if bk else contextlib.nullcontext()):
-                    gen(steps)  # warm-up with the same shapes
-                    t1 = statistics.median(timed(ctx, lambda: gen(1))[1] for _ in range(3))
-                    tn = statistics.median(timed(ctx, lambda: gen(steps))[1] for _ in range(2))
-                res[f"b{b}/{bk_name}/{name}"] = {"ttft_ms": t1, "generate_ms": tn,
-                                                 "decode_ms_per_step": (tn - t1) / (steps - 1)}
-                ctx.log(f"decode b{b} {bk_name} {name}: {(tn - t1) / (steps - 1):.2f} ms/step, TTFT {t1:.1f} ms")
-        ctx.save()
-    # profiler: 8 decode steps (plus the prefill) at the middle batch, default backend
-    b = ctx.batches[1]
-    p = ctx.prepared[b]
-    path = os.path.join(ctx.out_dir, "profile_decode.txt")
-    for name, mode in modes.items():
-        run = (lambda p=p: model.generate(p.input_ids, images=p.images, image_sizes=p.image_sizes,
-                                          do_sample=False, max_new_tokens=8, min_new_tokens=8,
-                                          use_cache=True, pad_token_id=0))
-        prof = profile_runs(ctx, lambda mode=mode: set_mode(model, mode), run, iters=1, table_path=path,
-                            row_limit=40)
-        res[f"profile_b{b}/{name}"] = prof
-    # prefill without cuDNN attention (does the backend change the ratio?)
-    configs = {n: (lambda m=m: set_mode(model, m, p), lambda: lm_forward(model, p)) for n, m in modes.items()}
-    with sdpa_kernel(backends["no_cudnn"]):
-        t = bench_rounds(ctx, configs, rounds=2 if ctx.tiny else 6, warmup=1)
-    res[f"prefill_b{b}_no_cudnn"] = {"dense_ms": t["dense"]["median_ms"], "r64_rec_ms": t["r64_rec"]["median_ms"],
-                                      "speedup": t["dense"]["median_ms"] / t["r64_rec"]["median_ms"]}
-    ctx.log(f"prefill b{b} without cuDNN attention: {res[f'prefill_b{b}_no_cudnn']}")
-    ctx.results["decode_diag"] = res
-
-
 def section_decode_cold(ctx: Ctx):
     """Decode per step when the attention shapes are new (first generation of these lengths)
     vs repeated, dense vs sparse, with torch's default SDPA choice (cuDNN on the H200) and
@@ -917,100 +861,23 @@ def section_decode_cold(ctx: Ctx):
     ctx.results["decode_cold"] = res
 
 
-def _fast_scores(layer, act, rater_weight, rope_len):
-    """Proposed _scores: the same math, RoPE applied once per tensor (upstream's
-    apply_rotary_pos_emb(k, k) rotates twice) and in the projections' contiguous
-    [B, N, heads, d] layout instead of on the transposed view (strided elementwise kernels)."""
-    from transformers.models.llama.modeling_llama import repeat_kv
-
-    attn = layer.self_attn
-    B, N, _ = act.hidden.shape
-    x = layer.input_layernorm(act.hidden)
-    R = act.rater_slot.shape[1]
-    key = attn.k_proj(x).view(B, N, attn.num_key_value_heads, attn.head_dim)
-    query = attn.q_proj(sf.gather_rows(x, act.rater_slot)).view(B, R, attn.num_heads, attn.head_dim)
-    cos, sin = attn.rotary_emb(key, seq_len=rope_len)
-
-    def rotate(t, pos):
-        c, s_ = cos[pos].unsqueeze(2), sin[pos].unsqueeze(2)
-        t1, t2 = t.chunk(2, dim=-1)
-        return t * c + torch.cat((-t2, t1), dim=-1) * s_
-
-    query = rotate(query, act.pos.gather(1, act.rater_slot)).transpose(1, 2)
-    key = repeat_kv(rotate(key, act.pos).transpose(1, 2), attn.num_key_value_groups)
-    probs = sf.rater_attention(query, key, act.rater_slot, act.valid)
-    return sf.visual_scores(probs, rater_weight, act.visual)
-
-
-def _eager_rater_attention(query, key, rater_slot, key_valid):
-    """Proposed rater_attention: eager attention's own numerics (bf16 logits / sqrt(d), softmax
-    in fp32 via dtype=), without materialising fp32 logits first."""
-    logits = torch.matmul(query, key.transpose(-1, -2)) / (query.shape[-1] ** 0.5)
-    slots = torch.arange(key.shape[2], device=key.device)
-    allowed = key_valid[:, None, :] & (slots[None, None, :] <= rater_slot[:, :, None])
-    logits = logits.masked_fill(~allowed[:, None], torch.finfo(logits.dtype).min)
-    return torch.softmax(logits, dim=-1, dtype=torch.float32)
-
-
-def section_scores_variants(ctx: Ctx):
-    """Prototype of two selection fixes, patched into sparse_forward's namespace for this
-    measurement only (the package files are not changed): A = _fast_scores, B = A +
-    _eager_rater_attention. Timed interleaved with stock and dense; keep-mask agreement with
-    stock. Also GPU-busy time at the middle batch (is it host-bound?)."""
+def section_gpu_busy(ctx: Ctx):
+    """GPU-busy time at the middle batch (is it host-bound?): dense, r64, ideal r64."""
     model = ctx.model
-    stock = {"_scores": sf._scores, "rater_attention": sf.rater_attention}
-    variants = {"stock": stock,
-                "A": {"_scores": _fast_scores, "rater_attention": stock["rater_attention"]},
-                "B": {"_scores": _fast_scores, "rater_attention": _eager_rater_attention}}
-
-    def use(name):
-        for k, v in variants[name].items():
-            setattr(sf, k, v)
-
-    res = {}
-    try:
-        for b in ctx.batches[1:]:
-            p = ctx.prepared[b]
-            masks = {}
-            for name in variants:
-                use(name)
-                set_mode(model, (64, True), p)
-                lm_forward(model, p)
-                masks[name] = sparsevlm_patch.last_keep_mask(model).cpu()
-            configs = {"dense": (lambda: (use("stock"), set_mode(model, "dense")), lambda p=p: lm_forward(model, p))}
-            for name in variants:
-                configs[f"r64_rec_{name}"] = (lambda name=name, p=p: (use(name), set_mode(model, (64, True), p)),
-                                              lambda p=p: lm_forward(model, p))
-            rounds = (2, 1) if ctx.tiny else ((10, 2) if b <= 8 else (6, 1))
-            t = bench_rounds(ctx, configs, *rounds)
-            dense = t["dense"]["median_ms"]
-            res[f"b{b}"] = {name: {"ms": t[f"r64_rec_{name}"]["median_ms"],
-                                   "speedup": dense / t[f"r64_rec_{name}"]["median_ms"],
-                                   "keep_agreement_with_stock": float((masks[name] == masks["stock"]).float().mean())}
-                            for name in variants}
-            res[f"b{b}"]["dense_ms"] = dense
-            ctx.log(f"scores variants b{b}: " + ", ".join(f"{k} {v['ms']:.2f} ms {v['speedup']:.2f}x"
-                                                           for k, v in res[f"b{b}"].items() if k != "dense_ms"))
-            ctx.save()
-        # GPU-busy at the middle batch: dense, stock r64, ideal r64
-        use("stock")
-        b = ctx.batches[1]
-        p = ctx.prepared[b]
-        set_mode(model, (64, True), p)
-        lm_forward(model, p)
-        counts = tuple(sparsevlm_patch.last_stats(model)["tokens_per_layer"][0])
-        busy = {}
-        for name, setup, run in [
-                ("dense", lambda: set_mode(model, "dense"), lambda: lm_forward(model, p)),
-                ("r64_rec", lambda: set_mode(model, (64, True), p), lambda: lm_forward(model, p)),
-                ("ideal_r64_rec", lambda: set_mode(model, "dense"), lambda: ideal_forward(model, p, counts))]:
-            prof = profile_runs(ctx, setup, run, iters=5)
-            busy[name] = {k: prof[k] for k in ("gpu_busy_ms", "wall_ms_under_profiler", "device_events_per_iter")}
-        res[f"gpu_busy_b{b}"] = busy
-        ctx.log(f"GPU-busy b{b}: {busy}")
-    finally:
-        use("stock")
-    ctx.results["scores_variants"] = res
+    b = ctx.batches[1]
+    p = ctx.prepared[b]
+    set_mode(model, (64, True), p)
+    lm_forward(model, p)
+    counts = tuple(sparsevlm_patch.last_stats(model)["tokens_per_layer"][0])
+    busy = {}
+    for name, setup, run in [
+            ("dense", lambda: set_mode(model, "dense"), lambda: lm_forward(model, p)),
+            ("r64_rec", lambda: set_mode(model, (64, True), p), lambda: lm_forward(model, p)),
+            ("ideal_r64_rec", lambda: set_mode(model, "dense"), lambda: ideal_forward(model, p, counts))]:
+        prof = profile_runs(ctx, setup, run, iters=5)
+        busy[name] = {k: prof[k] for k in ("gpu_busy_ms", "wall_ms_under_profiler", "device_events_per_iter")}
+    ctx.log(f"GPU-busy b{b}: {busy}")
+    ctx.results["gpu_busy"] = {f"b{b}": busy}
 
 
 def make_train_inputs(ctx: Ctx, batch: int, vocab: int, answer_tokens: int = 32):
@@ -1221,7 +1088,7 @@ def table(ctx: Ctx) -> str:
                 for k, v in blk.items():
                     if k.endswith("/detail"):
                         lines.append(f"| breakdown {k} (ms) | scores {v.get('_scores', 0):.2f} = norm+k/q proj "
-                                     f"{v['scores_norm_kproj_qproj_ms']:.2f} + RoPE {v.get('apply_rotary_pos_emb', 0):.2f}"
+                                     f"{v['scores_norm_kproj_qproj_ms']:.2f} + RoPE {v.get('_rotate', 0):.2f}"
                                      f" + rater attn {v.get('rater_attention', 0):.2f} + visual_scores "
                                      f"{v.get('visual_scores', 0):.2f}; top-k {v.get('top_k_mask', 0):.2f}, recycle "
                                      f"{v.get('recycle', 0):.2f}, other prune {v['prune_other_ms']:.2f}, raters "
@@ -1252,31 +1119,15 @@ def table(ctx: Ctx) -> str:
             base = key[: -len("/dense")]
             f = lambda v: " / ".join(f"{x:.1f}" for x in v["ms_per_step"])  # noqa: E731
             lines.append(f"| {base} | {f(dc[key])} | {f(dc[base + '/r64_rec'])} |")
-    sv = r.get("scores_variants")
-    if sv:
-        lines += ["", "### Selection fix prototypes (r64_rec; A = RoPE once, contiguous; B = A + eager softmax)",
-                  "| batch | dense ms | stock | A | B | keep agreement A / B |", "|---|---|---|---|---|---|"]
-        for key, v in sv.items():
-            if key.startswith("gpu_busy"):
-                g = v
-                fm = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
-                lines.append(f"| {key} (GPU-busy ms) | {fm(g['dense']['gpu_busy_ms'])} | {fm(g['r64_rec']['gpu_busy_ms'])} | "
-                             f"ideal {fm(g['ideal_r64_rec']['gpu_busy_ms'])} | | wall under profiler: "
-                             f"{g['dense']['wall_ms_under_profiler']:.1f} / {g['r64_rec']['wall_ms_under_profiler']:.1f} / "
-                             f"{g['ideal_r64_rec']['wall_ms_under_profiler']:.1f} |")
-                continue
-            lines.append(f"| {key[1:]} | {v['dense_ms']:.2f} | {v['stock']['ms']:.2f} ({v['stock']['speedup']:.2f}x) | "
-                         f"{v['A']['ms']:.2f} ({v['A']['speedup']:.2f}x) | {v['B']['ms']:.2f} ({v['B']['speedup']:.2f}x) | "
-                         f"{v['A']['keep_agreement_with_stock']:.4f} / {v['B']['keep_agreement_with_stock']:.4f} |")
-    dd = r.get("decode_diag")
-    if dd:
-        lines += ["", f"### Decode diagnosis ({dd['steps']} new tokens): ms per decode step",
-                  "| batch / SDPA backends | dense | r64_rec |", "|---|---|---|"]
-        for b in ("b1", "b8", "b2", "b4"):
-            for bk in ("default", "no_cudnn"):
-                if f"{b}/{bk}/dense" in dd:
-                    lines.append(f"| {b} {bk} | {dd[f'{b}/{bk}/dense']['decode_ms_per_step']:.2f} | "
-                                 f"{dd[f'{b}/{bk}/r64_rec']['decode_ms_per_step']:.2f} |")
+    gb = r.get("gpu_busy")
+    if gb:
+        lines += ["", "### GPU-busy time (torch.profiler), r64_rec", "| batch | dense | plugin | ideal | wall under profiler |",
+                  "|---|---|---|---|---|"]
+        fm = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+        for key, g in gb.items():
+            lines.append(f"| {key[1:]} | {fm(g['dense']['gpu_busy_ms'])} | {fm(g['r64_rec']['gpu_busy_ms'])} | "
+                         f"{fm(g['ideal_r64_rec']['gpu_busy_ms'])} | {g['dense']['wall_ms_under_profiler']:.1f} / "
+                         f"{g['r64_rec']['wall_ms_under_profiler']:.1f} / {g['ideal_r64_rec']['wall_ms_under_profiler']:.1f} |")
     d = r.get("distill")
     if d and d.get("status") == "measured":
         lines += ["", f"### Distillation training step, batch {d['batch']}, {d['mode']}",
@@ -1302,8 +1153,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="skip later sections when less time than they need is left")
     ap.add_argument("--only", nargs="*", default=None,
-                    help="sections: build decode_cold prefill profile_large overheads generation decode_diag "
-                         "scores_variants distill 13b (default: all)")
+                    help="sections: build decode_cold prefill profile_large overheads generation "
+                         "gpu_busy distill 13b (default: all)")
     ap.add_argument("--label", default=None, help="code version to record (e.g. the git commit)")
     args = ap.parse_args()
     if args.only is not None and "build" not in args.only:
@@ -1323,9 +1174,7 @@ def main():
     section(ctx, "profile_large", section_profile_large, need_s=20)
     section(ctx, "overheads", section_overheads, need_s=40)
     section(ctx, "generation", section_generation, need_s=150)
-    if args.only and "decode_diag" in args.only:  # superseded by decode_cold; on request only
-        section(ctx, "decode_diag", section_decode_diag, need_s=120)
-    section(ctx, "scores_variants", section_scores_variants, need_s=40)
+    section(ctx, "gpu_busy", section_gpu_busy, need_s=40)
     section(ctx, "distill", bench_distill, need_s=60)
     section(ctx, "13b", section_13b, need_s=60)
     ctx.results["meta"]["total_s"] = round(ctx.elapsed(), 1)
