@@ -143,8 +143,8 @@ def _prepare_multimodal(wrapped, instance, args, kwargs):
     _, position_ids, mask_out, past, embeds, probe_out = wrapped(
         input_ids, a["position_ids"], mask_in, a["past_key_values"], probe, a["images"],
         image_sizes=a["image_sizes"])
-    if embeds is None:
-        return wrapped(*args, **kwargs)
+    if embeds is None:  # upstream returned early (no vision tower): its inputs, unchanged
+        return input_ids, a["position_ids"], attention_mask, a["past_key_values"], None, labels
     relaid = lambda values: torch.where(  # noqa: E731  (values moved as upstream moves labels)
         probe_out >= 0, values.gather(1, probe_out.clamp(min=0)), torch.full_like(probe_out, IGNORE_INDEX))
     labels_out = None if labels is None else relaid(labels).to(labels.dtype)
@@ -260,7 +260,3 @@ def remove() -> None:
             setattr(owner, name, original)
     _patches.clear()
     _installed = False
-
-
-def installed() -> bool:
-    return _installed
