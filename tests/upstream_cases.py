@@ -9,19 +9,9 @@ import sys
 
 import torch
 
-MODEL_NAME = "tiny-llava-v1"
+from conftest import load_tiny_llava  # imports nothing from sparsevlm_patch
+
 MAX_NEW_TOKENS = 6
-
-
-def load(model_dir):
-    """Upstream's loader on CPU, then fp32 (as tests/conftest.py's load_tiny_llava)."""
-    from llava.model.builder import load_pretrained_model
-
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        model_dir, None, MODEL_NAME, device="cpu", device_map="cpu")
-    model.float()
-    model.eval()
-    return tokenizer, model, image_processor
 
 
 def outputs(model, inputs):
@@ -67,7 +57,7 @@ def current(targets):
 def main(model_dir, inputs_path, out_path, threads):
     assert "sparsevlm_patch" not in sys.modules
     torch.set_num_threads(int(threads))  # the parent's: bit-identical results need the same
-    _, model, _ = load(model_dir)
+    _, model, _ = load_tiny_llava(model_dir)
     inputs = torch.load(inputs_path)
     reference = outputs(model, inputs)
     targets = patch_targets()
