@@ -18,6 +18,8 @@ own classes on the GPU (CLIP ViT-L/14-336 saved to a temp folder so that upstrea
   functions), with a breakdown into the helpers they call.
 - generation: time to first token, decode tokens/s for 128 new tokens, KV-cache bytes, dense
   vs retain 64, batch 1 and 8.
+- cuda_graphs: the LM prefill captured as one CUDA graph and replayed (dense, retain 64,
+  ideal stack) at batch 1 and 8: what a graph-captured prefill adds over eager.
 - gpu_busy: GPU-busy time (profiler) at batch 8: dense, retain 64, ideal stack.
 - distill: distillation training step through `sparsevlm_patch.distill.compute_loss` vs the
   dense upstream step, batch 8, retain 64/192, time and peak memory (if distill.py exists).
@@ -861,6 +863,55 @@ def section_decode_cold(ctx: Ctx):
     ctx.results["decode_cold"] = res
 
 
+def section_cuda_graphs(ctx: Ctx):
+    """What a CUDA-graph prefill adds: the same LM forward (dense, r64_rec, ideal r64)
+    captured once per batch and replayed, so no host launch cost is left. Replayed outputs
+    are checked against the eager forward."""
+    model = ctx.model
+    res = {}
+    for b in ctx.batches[:2]:
+        p = ctx.prepared[b]
+        set_mode(model, (64, True), p)
+        lm_forward(model, p)
+        counts = tuple(sparsevlm_patch.last_stats(model)["tokens_per_layer"][0])
+        runs = {"dense": ("dense", lambda: lm_forward(model, p)),
+                "r64_rec": ((64, True), lambda: lm_forward(model, p)),
+                "ideal_r64_rec": ("dense", lambda: ideal_forward(model, p, counts))}
+        graphs, eager_out, row = {}, {}, {}
+        for name, (mode, run) in runs.items():
+            set_mode(model, mode, p)
+            eager_out[name] = run().float()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    set_mode(model, mode, p)
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            set_mode(model, mode, p)
+            with torch.cuda.graph(graph, capture_error_mode="relaxed"):
+                static_out = run()
+            graph.replay()
+            torch.cuda.synchronize()
+            rel = float((static_out.float() - eager_out[name]).norm() / eager_out[name].norm())
+            ctx.results["checks"][f"cuda_graphs/b{b}/{name}_replay_equals_eager"] = rel < 1e-3
+            graphs[name] = graph
+            row[name] = {"replay_rel_diff": rel}
+        timing = bench_rounds(ctx, {n: (lambda: None, g.replay) for n, g in graphs.items()},
+                              rounds=15, warmup=2)
+        dense = timing["dense"]["median_ms"]
+        for name in graphs:
+            row[name]["graph_ms"] = timing[name]["median_ms"]
+            row[name]["speedup_vs_dense_graph"] = dense / timing[name]["median_ms"]
+        res[f"b{b}"] = row
+        del graphs
+        torch.cuda.empty_cache()
+        ctx.log(f"CUDA graphs b{b}: " + ", ".join(
+            f"{n} {r['graph_ms']:.2f} ms ({r['speedup_vs_dense_graph']:.2f}x)" for n, r in row.items()))
+    ctx.results["cuda_graphs"] = res
+
+
 def section_gpu_busy(ctx: Ctx):
     """GPU-busy time at the middle batch (is it host-bound?): dense, r64, ideal r64."""
     model = ctx.model
@@ -1119,6 +1170,14 @@ def table(ctx: Ctx) -> str:
             base = key[: -len("/dense")]
             f = lambda v: " / ".join(f"{x:.1f}" for x in v["ms_per_step"])  # noqa: E731
             lines.append(f"| {base} | {f(dc[key])} | {f(dc[base + '/r64_rec'])} |")
+    cg = r.get("cuda_graphs")
+    if cg:
+        lines += ["", "### LM prefill as a replayed CUDA graph, ms (x dense graph)",
+                  "| batch | dense | r64_rec | ideal r64 |", "|---|---|---|---|"]
+        for key, row in cg.items():
+            lines.append(f"| {key[1:]} | " + " | ".join(
+                f"{row[n]['graph_ms']:.2f} ({row[n]['speedup_vs_dense_graph']:.2f}x)"
+                for n in ("dense", "r64_rec", "ideal_r64_rec")) + " |")
     gb = r.get("gpu_busy")
     if gb:
         lines += ["", "### GPU-busy time (torch.profiler), r64_rec", "| batch | dense | plugin | ideal | wall under profiler |",
@@ -1154,7 +1213,7 @@ def main():
                     help="skip later sections when less time than they need is left")
     ap.add_argument("--only", nargs="*", default=None,
                     help="sections: build decode_cold prefill profile_large overheads generation "
-                         "gpu_busy distill 13b (default: all)")
+                         "cuda_graphs gpu_busy distill 13b (default: all)")
     ap.add_argument("--label", default=None, help="code version to record (e.g. the git commit)")
     args = ap.parse_args()
     if args.only is not None and "build" not in args.only:
@@ -1174,6 +1233,8 @@ def main():
     section(ctx, "profile_large", section_profile_large, need_s=20)
     section(ctx, "overheads", section_overheads, need_s=40)
     section(ctx, "generation", section_generation, need_s=150)
+    if ctx.cuda:
+        section(ctx, "cuda_graphs", section_cuda_graphs, need_s=40)
     section(ctx, "gpu_busy", section_gpu_busy, need_s=40)
     section(ctx, "distill", bench_distill, need_s=60)
     section(ctx, "13b", section_13b, need_s=60)

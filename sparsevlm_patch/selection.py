@@ -54,8 +54,15 @@ def rater_attention(
     logits = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(query.shape[-1])
     slots = torch.arange(key.shape[2], device=key.device)
     allowed = key_valid[:, None, :] & (slots[None, None, :] <= rater_slot[:, :, None])
-    logits = logits.masked_fill(~allowed[:, None], torch.finfo(logits.dtype).min)
+    logits = torch.where(allowed[:, None], logits, torch.finfo(logits.dtype).min)
     return logits.softmax(dim=-1, dtype=torch.float32)
+
+
+def rater_weights(raters: torch.Tensor, heads: int) -> torch.Tensor:
+    """float [B, R]: 1 / (raters x heads) on each sample's raters, 0 elsewhere, so that one
+    weighted sum over heads and raters is their mean (computed once per forward)."""
+    raters = raters.float()
+    return raters / (raters.sum(1, keepdim=True).clamp(min=1) * heads)
 
 
 def visual_scores(
@@ -63,13 +70,11 @@ def visual_scores(
 ) -> torch.Tensor:
     """Score of each visual slot: rater -> visual attention averaged over heads and raters.
 
-    probs [B, H, R, N], rater_weight [B, R] (1 for raters, 0 otherwise), visual [B, N].
+    probs [B, H, R, N], rater_weight [B, R] from `rater_weights`, visual [B, N].
     Non-visual slots score -inf.
     """
-    per_rater = probs.mean(dim=1)  # [B, R, N]
-    weight = rater_weight / rater_weight.sum(1, keepdim=True).clamp(min=1e-6)
-    scores = torch.einsum("brn,br->bn", per_rater, weight)
-    return scores.masked_fill(~visual, float("-inf"))
+    scores = torch.einsum("bhrn,br->bn", probs, rater_weight)
+    return torch.where(visual, scores, float("-inf"))
 
 
 def top_k_mask(scores: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
@@ -101,13 +106,13 @@ def recycle(
     B, _, D = hidden.shape
     if max_clusters == 0:
         return hidden.new_zeros(B, 0, D)
-    ranked = scores.masked_fill(~pruned, float("-inf")).topk(max_candidates, dim=1).indices
+    ranked = torch.where(pruned, scores, float("-inf")).topk(max_candidates, dim=1).indices
     cand = gather_rows(hidden, ranked)  # [B, C, D], best first
     cand_valid = torch.arange(max_candidates, device=hidden.device)[None] < n_candidates[:, None]
     centre_valid = torch.arange(max_clusters, device=hidden.device)[None] < n_clusters[:, None]
     unit = torch.nn.functional.normalize(cand.float(), dim=-1)
     sim = torch.einsum("bcd,bkd->bck", unit, unit[:, :max_clusters])
-    sim = sim.masked_fill(~centre_valid[:, None, :], float("-inf"))
+    sim = torch.where(centre_valid[:, None, :], sim, float("-inf"))
     cluster = sim.argmax(dim=-1)  # [B, C]
     weight = cand_valid.to(hidden.dtype)[..., None]
     sums = hidden.new_zeros(B, max_clusters, D).scatter_add(

@@ -19,7 +19,8 @@ from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from .layout import BatchLayout, to_device
 from .plan import PrefillPlan, StagePlan, flops_summary, make_plan
-from .selection import gather_rows, rater_attention, recycle, select_raters, top_k_mask, visual_scores
+from .selection import (gather_rows, rater_attention, rater_weights, recycle, select_raters, top_k_mask,
+                        visual_scores)
 
 
 class PrunedCache(DynamicCache):
@@ -109,24 +110,31 @@ def _scores(layer, act: Active, rater_weight: torch.Tensor, rope_len: int) -> to
     key = attn.k_proj(x).view(B, N, attn.num_key_value_heads, attn.head_dim)
     query = attn.q_proj(gather_rows(x, act.rater_slot)).view(B, R, attn.num_heads, attn.head_dim)
     cos, sin = attn.rotary_emb(key, seq_len=rope_len)
-    query = _rotate(query, cos, sin, act.pos.gather(1, act.rater_slot)).transpose(1, 2)
-    key = repeat_kv(_rotate(key, cos, sin, act.pos).transpose(1, 2), attn.num_key_value_groups)
-    probs = rater_attention(query, key, act.rater_slot, act.valid)
+    rater_pos = act.pos.gather(1, act.rater_slot)
+    if attn.num_heads == attn.num_key_value_heads:  # one rotation for keys and queries
+        both = _rotate(torch.cat([key, query], 1), cos, sin, torch.cat([act.pos, rater_pos], 1))
+        key, query = both[:, :N], both[:, N:]
+    else:
+        key, query = _rotate(key, cos, sin, act.pos), _rotate(query, cos, sin, rater_pos)
+    key = repeat_kv(key.transpose(1, 2), attn.num_key_value_groups)
+    probs = rater_attention(query.transpose(1, 2), key, act.rater_slot, act.valid)
     return visual_scores(probs, rater_weight, act.visual)
 
 
 def _prune(layer, act: Active, stage: StagePlan, counts, rater_weight, fallback, rope_len, length) -> Active:
     """Score, select, recycle and compact before `layer`. `counts`: device [4, B] copy of the
-    stage's kept / candidates / recycled / tokens (copied before the layers run)."""
+    stage's kept / candidates / recycled / tokens (copied before the layers run);
+    `fallback`: device [B] bool, or None when every sample has prompt text."""
     device = act.hidden.device
     kept_n, cand_n, rec_n, tokens_n = counts
     B, N, D = act.hidden.shape
     slots = torch.arange(N, device=device)
     last_pool = (act.visual * slots).amax(dim=1)
-    # Samples without prompt text are rated by their last visual token, wherever it is now.
-    rater_slot = act.rater_slot.clone()
-    rater_slot[:, 0] = torch.where(fallback, last_pool, rater_slot[:, 0])
-    act.rater_slot = rater_slot
+    if fallback is not None:
+        # Samples without prompt text are rated by their last visual token, wherever it is now.
+        rater_slot = act.rater_slot.clone()
+        rater_slot[:, 0] = torch.where(fallback, last_pool, rater_slot[:, 0])
+        act.rater_slot = rater_slot
 
     scores = _scores(layer, act, rater_weight, rope_len)
     kept = top_k_mask(scores, kept_n, max(stage.kept))
@@ -184,9 +192,12 @@ def sparse_prefill(model, state, layout: BatchLayout, *, attention_mask, positio
 
     vis_idx, vis_ok = layout.padded_index("visual", device)
     cand_idx, cand_ok = layout.padded_index("question", device)
-    rater_weight = select_raters(gather_rows(inputs_embeds, vis_idx), vis_ok,
-                                 gather_rows(inputs_embeds, cand_idx), cand_ok).float()
-    fallback = to_device(torch.tensor([s.rater_fallback for s in layout.samples]), device)
+    raters = select_raters(gather_rows(inputs_embeds, vis_idx), vis_ok,
+                           gather_rows(inputs_embeds, cand_idx), cand_ok)
+    rater_weight = rater_weights(raters, model.config.num_attention_heads)
+    fallback = None
+    if any(s.rater_fallback for s in layout.samples):
+        fallback = to_device(torch.tensor([s.rater_fallback for s in layout.samples]), device)
     counts = to_device(torch.tensor([[s.kept, s.candidates, s.recycled, s.tokens] for s in plan.stages]
                                     ).reshape(len(plan.stages), 4, B), device)
 

@@ -8,6 +8,7 @@ import torch
 from sparsevlm_patch.selection import (
     gather_rows,
     rater_attention,
+    rater_weights,
     recycle,
     select_raters,
     top_k_mask,
@@ -112,13 +113,13 @@ def test_visual_scores_average_heads_and_raters():
     g = torch.Generator().manual_seed(3)
     B, H, R, N = 2, 3, 4, 10
     probs = torch.rand(B, H, R, N, generator=g)
-    rater_weight = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
+    raters = torch.tensor([[True, False, True, True], [False, True, False, False]])
     visual = torch.zeros(B, N, dtype=torch.bool)
     visual[0, 2:7] = True
     visual[1, [1, 4, 9]] = True
-    scores = visual_scores(probs, rater_weight, visual)
+    scores = visual_scores(probs, rater_weights(raters, H), visual)
     for b in range(B):
-        rows = [r for r in range(R) if rater_weight[b, r] > 0]
+        rows = [r for r in range(R) if raters[b, r]]
         want = probs[b][:, rows].mean(dim=(0, 1))
         assert torch.allclose(scores[b][visual[b]], want[visual[b]], atol=1e-6)
         assert torch.isinf(scores[b][~visual[b]]).all() and (scores[b][~visual[b]] < 0).all()
