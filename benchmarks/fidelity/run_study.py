@@ -77,6 +77,7 @@ class Config:
     n_test_images: int = 500
     n_test: int = 1000
     empty_prob: float = 0.2
+    caption_turn: bool = True  # training conversations end with the cell-by-cell caption
     # vision tower (random, frozen)
     clip_hidden: int = 256
     clip_layers: int = 2
@@ -112,7 +113,8 @@ class Config:
     time_budget: float = 0.0
     distill_time: float = 110.0
     preflight: bool = True
-    stop_after: str = ""  # "dense": stop after the dense evaluation (quick experiments)
+    stop_after: str = ""  # "dense": stop after the dense evaluation and export the dense model
+    dense_from: str = ""  # folder of an exported dense model (dense.tar.part*): skip steps 3-4
 
 
 PRESETS = {
@@ -699,60 +701,17 @@ def main(argv=None) -> int:
     return 1 if report.get("error") else 0
 
 
-def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> None:
+def train_dense(cfg: Config, paths: dict, work: str, log: Log, report: dict, trainer: Trainer,
+                evaluator: Evaluator, dense_dir: str, deadline: Optional[float]) -> None:
+    """Tokenizer and random LLM, projector pretraining, fine-tuning (steps 2-4)."""
     import torch
 
-    torch.manual_seed(cfg.seed)
-    if cfg.device == "cpu":
-        torch.set_num_threads(cfg.cpu_threads)
     import models
-    import transformers
 
-    import llava
-
-    report["versions"] = {"python": sys.version.split()[0], "torch": torch.__version__,
-                          "transformers": transformers.__version__,
-                          "llava": getattr(llava, "__version__", "1.2.2.post1 (installed)")}
-    deadline = cfg.time_budget if cfg.time_budget > 0 else None
-    timings = report["timings"]
-
-    # 1. data
-    t = time.time()
-    data_dir = os.path.join(work, "data")
-    paths = task.write_splits(data_dir, size=cfg.image_size, n_train=cfg.n_train, n_test_images=cfg.n_test_images,
-                              n_test=cfg.n_test, turns=cfg.turns, n_distill=cfg.n_distill, seed=cfg.seed,
-                              empty_prob=cfg.empty_prob, workers=max(1, os.cpu_count() or 1))
-    timings["data"] = round(time.time() - t, 1)
-    with open(paths["test"], encoding="utf-8") as handle:
-        test_records = json.load(handle)
-    report["data"] = {"train_images": cfg.n_train, "train_turns": cfg.turns, "test_questions": len(test_records),
-                      "test_images": cfg.n_test_images, "test_types": {
-                          q: sum(r["info"]["type"] == q for r in test_records) for q in task.QUESTION_TYPES}}
-    answers = {}
-    for r in test_records:
-        answers.setdefault(r["info"]["type"], {}).setdefault(r["conversations"][1]["value"], 0)
-        answers[r["info"]["type"]][r["conversations"][1]["value"]] += 1
-    # The best an image-blind model can do: the most frequent answer of each question type.
-    report["chance"] = sum(max(v.values()) for v in answers.values()) / len(test_records)
-    log(f"data: {timings['data']}s, {report['data']}, image-blind majority accuracy {report['chance']:.3f}")
-    if cfg.device == "cuda":  # after the image workers were forked
-        report["device_name"] = torch.cuda.get_device_name(0)
-        if cfg.precision == "tf32":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-
-    # 2. models from scratch
-    t = time.time()
     tokenizer = models.build_tokenizer(os.path.join(work, "tokenizer"), task.tokenizer_corpus(), vocab_size=cfg.vocab)
-    paths["clip"] = models.build_clip(os.path.join(work, "clip"), image_size=cfg.image_size, hidden=cfg.clip_hidden,
-                                      layers=cfg.clip_layers, pos_scale=cfg.clip_pos_scale, seed=cfg.seed)
     base = models.build_llm(os.path.join(work, "llm-base"), tokenizer, hidden=cfg.hidden, layers=cfg.layers,
                             heads=cfg.heads, intermediate=cfg.intermediate, seed=cfg.seed)
-    timings["build"] = round(time.time() - t, 1)
-    log(f"built tokenizer ({len(tokenizer)} tokens), CLIP and random LLM in {timings['build']}s")
-
-    trainer = Trainer(cfg, paths, work, log)
-    report["commands"] = trainer.commands
+    log(f"built tokenizer ({len(tokenizer)} tokens), CLIP and random LLM")
 
     # 3. projector pretraining (dense, plain upstream) -- and the locality probe meanwhile
     pre_dir = os.path.join(work, "pretrain")
@@ -781,18 +740,16 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
     if deadline:
         pre_step = report["training"]["pretrain"].get("step_seconds") or 0.2
         # Fine-tuning steps are longer than projector-only steps (multi-turn answers, weight
-        # gradients): ~1.5 x. Reserve the distillation (start-up included), the evaluations of
-        # the students, the report and a margin.
-        reserve = cfg.distill_time + 25 + 30 + 25
+        # gradients): ~1.5 x. Reserve the dense evaluation and export, or the distillation
+        # (start-up included), the evaluations of the students, the report and a margin.
+        reserve = 45 if cfg.stop_after == "dense" else cfg.distill_time + 25 + 30 + 25
         left = deadline - log.elapsed() - reserve - 20  # 20: start-up of the fine-tuning process
         ft_steps = steps_for(left, 1.5 * pre_step, cfg.finetune_steps, cfg.min_finetune_steps)
         log(f"time budget: {left:.0f}s for fine-tuning at ~{1.5 * pre_step:.3f}s/step -> {ft_steps} steps")
-    dense_dir = os.path.join(work, "llava-dense")
     ft = trainer.start("finetune", trainer.flags(model=base, version="v1", data=paths["train"], out=dense_dir,
                                                  steps=ft_steps, lr=cfg.finetune_lr, workers=cfg.workers,
                                                  save_steps=max(50, ft_steps // 8) if deadline else 0)
                        + ["--pretrain_mm_mlp_adapter", projector, "--sparse", "False", "--align_loss_weight", "0"])
-    evaluator = Evaluator(cfg, test_records, paths["image_folder"], log)
     if cfg.preflight:
         # While the fine-tuning runs: the distillation path and every evaluation method, a few
         # steps and samples, on the GPU stack. A failure here stops the run early.
@@ -803,7 +760,7 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
                 workers=0) + ["--pretrain_mm_mlp_adapter", projector, "--retain_tokens", "64",
                               "--teacher_model_name_or_path", base, "--align_loss_weight", "1.0"])
             trainer.finish(pf)
-            small = Evaluator(replace(cfg, eval_batch=4), test_records[:8], paths["image_folder"], log)
+            small = Evaluator(replace(cfg, eval_batch=4), evaluator.records[:8], paths["image_folder"], log)
             loaded = small.load(pf_dir)
             checks = {m: small.evaluate(loaded, m, None if m == "dense" else 64)["accuracy"]
                       for m in ("dense",) + METHODS}
@@ -813,12 +770,118 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
             ft.kill()
             raise
     report["training"]["finetune"] = trainer.finish(
-        ft, kill_at=deadline - cfg.distill_time - 30 - 15 if deadline else None)
+        ft, kill_at=deadline - (45 if cfg.stop_after == "dense" else cfg.distill_time + 45) if deadline else None)
+
+
+EXPORT_PART_BYTES = 15 * 2 ** 20  # files come back from the device in pieces of < 16 MiB
+
+
+def export_dense(dense_dir: str, out: str, log: Log) -> None:
+    """The dense model (weights, config, tokenizer; no checkpoints) as out/dense.tar.partNN."""
+    import tarfile
+
+    archive = os.path.join(out, "dense.tar")
+    with tarfile.open(archive, "w") as tar:
+        for name in sorted(os.listdir(dense_dir)):
+            if not name.startswith("checkpoint-"):
+                tar.add(os.path.join(dense_dir, name), arcname=name)
+    with open(archive, "rb") as whole:
+        for index, chunk in enumerate(iter(lambda: whole.read(EXPORT_PART_BYTES), b"")):
+            with open(f"{archive}.part{index:02d}", "wb") as part:
+                part.write(chunk)
+    os.remove(archive)
+    log(f"exported {dense_dir} to {archive}.part*")
+
+
+def import_dense(folder: str, dense_dir: str, report: dict, log: Log) -> None:
+    """Unpack dense.tar.part* from `folder` into `dense_dir`; carry over the earlier report's
+    training record (results.json beside the parts)."""
+    import tarfile
+
+    parts = sorted(n for n in os.listdir(folder) if n.startswith("dense.tar.part"))
+    if not parts:
+        raise FileNotFoundError(f"dense_from={folder!r} holds no dense.tar.part* files")
+    archive = dense_dir + ".tar"
+    with open(archive, "wb") as whole:
+        for name in parts:
+            with open(os.path.join(folder, name), "rb") as part:
+                shutil.copyfileobj(part, whole)
+    os.makedirs(dense_dir, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dense_dir)
+    earlier = os.path.join(folder, "results.json")
+    if os.path.exists(earlier):
+        with open(earlier, encoding="utf-8") as handle:
+            previous = json.load(handle)
+        report["dense_training"] = {k: previous.get(k) for k in (
+            "command", "note", "config", "versions", "probe", "training", "commands", "timings", "chance")}
+        report["dense_training"]["dense_accuracy"] = previous.get("results", {}).get("dense", {}).get("accuracy")
+    log(f"imported the dense model from {folder} ({len(parts)} parts)")
+
+
+def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> None:
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    if cfg.device == "cpu":
+        torch.set_num_threads(cfg.cpu_threads)
+    import models
+    import transformers
+
+    import llava
+
+    report["versions"] = {"python": sys.version.split()[0], "torch": torch.__version__,
+                          "transformers": transformers.__version__,
+                          "llava": getattr(llava, "__version__", "1.2.2.post1 (installed)")}
+    deadline = cfg.time_budget if cfg.time_budget > 0 else None
+    timings = report["timings"]
+
+    # 1. data
+    t = time.time()
+    data_dir = os.path.join(work, "data")
+    paths = task.write_splits(data_dir, size=cfg.image_size, n_train=cfg.n_train, n_test_images=cfg.n_test_images,
+                              n_test=cfg.n_test, turns=cfg.turns, n_distill=cfg.n_distill, seed=cfg.seed,
+                              empty_prob=cfg.empty_prob, workers=max(1, os.cpu_count() or 1),
+                              caption_turn=cfg.caption_turn)
+    timings["data"] = round(time.time() - t, 1)
+    with open(paths["test"], encoding="utf-8") as handle:
+        test_records = json.load(handle)
+    report["data"] = {"train_images": cfg.n_train, "train_turns": cfg.turns, "test_questions": len(test_records),
+                      "test_images": cfg.n_test_images, "test_types": {
+                          q: sum(r["info"]["type"] == q for r in test_records) for q in task.QUESTION_TYPES}}
+    answers = {}
+    for r in test_records:
+        answers.setdefault(r["info"]["type"], {}).setdefault(r["conversations"][1]["value"], 0)
+        answers[r["info"]["type"]][r["conversations"][1]["value"]] += 1
+    # The best an image-blind model can do: the most frequent answer of each question type.
+    report["chance"] = sum(max(v.values()) for v in answers.values()) / len(test_records)
+    log(f"data: {timings['data']}s, {report['data']}, image-blind majority accuracy {report['chance']:.3f}")
+    if cfg.device == "cuda":  # after the image workers were forked
+        report["device_name"] = torch.cuda.get_device_name(0)
+        if cfg.precision == "tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    # 2. models from scratch
+    t = time.time()
+    paths["clip"] = models.build_clip(os.path.join(work, "clip"), image_size=cfg.image_size, hidden=cfg.clip_hidden,
+                                      layers=cfg.clip_layers, pos_scale=cfg.clip_pos_scale, seed=cfg.seed)
+    trainer = Trainer(cfg, paths, work, log)
+    report["commands"] = trainer.commands
+    evaluator = Evaluator(cfg, test_records, paths["image_folder"], log)
+    dense_dir = os.path.join(work, "llava-dense")
+    if cfg.dense_from:
+        # A dense model trained and exported by an earlier call (same --work, so the tower
+        # path in its config is this CLIP, rebuilt from the same seed).
+        import_dense(cfg.dense_from, dense_dir, report, log)
+    else:
+        train_dense(cfg, paths, work, log, report, trainer, evaluator, dense_dir, deadline)
+    timings["build_and_dense_training"] = round(time.time() - t, 1)
 
     # 5 + 6. distillation runs (background) while the training-free evaluations run
     ds_steps = cfg.distill_steps
     if deadline:
-        ft_step = report["training"]["finetune"].get("step_seconds") or 1.5 * pre_step
+        ft_step = report["training"].get("finetune", {}).get("step_seconds") or 0.2
         # Teacher pass, runs sharing the GPU and the CPU (data loading): assume 2.5 x slower.
         step = max(0.15, 2.5 * ft_step)
         waves = math.ceil(len(BUDGETS) / max(1, cfg.parallel))
@@ -838,7 +901,8 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
                 + ["--retain_tokens", str(budget), "--teacher_model_name_or_path", dense_dir,
                    "--align_loss_weight", f"{cfg.align_loss_weight:g}"])
 
-    launch_next()
+    if cfg.stop_after != "dense":
+        launch_next()
     results = report["results"]
     t = time.time()
     loaded = evaluator.load(dense_dir)
@@ -847,6 +911,7 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
     if cfg.stop_after == "dense":
         for run in running.values():
             run.kill()
+        export_dense(dense_dir, out, log)
         return
     for method in METHODS:
         results[method] = {}

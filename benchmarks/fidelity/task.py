@@ -222,11 +222,15 @@ DEFAULT_TRAIN_MIX = {"color": 1.0, "shape": 1.0, "row": 1.0, "column": 1.0}
 
 def write_splits(root: str, *, size: int, n_train: int, n_test_images: int, n_test: int,
                  turns: int = 8, n_distill: int = 0, seed: int = 0, empty_prob: float = 0.2,
-                 workers: int = 1, train_mix: Optional[Dict[str, float]] = None) -> Dict[str, str]:
+                 workers: int = 1, train_mix: Optional[Dict[str, float]] = None,
+                 caption_turn: bool = False) -> Dict[str, str]:
     """Write images and the four JSON splits under `root`; return their paths.
 
     Train/distill images and test images come from disjoint seeds. `n_test` single-turn
     test questions are spread evenly over the question types (and over `n_test_images`).
+    `caption_turn`: every training conversation ends with "Describe the grid." and the
+    cell-by-cell caption, nine image-dependent answers per image for the LLM itself (last,
+    so that no question can be answered by copying from it).
     """
     mix = train_mix or DEFAULT_TRAIN_MIX
     image_dir = os.path.join(root, "images")
@@ -249,6 +253,8 @@ def write_splits(root: str, *, size: int, n_train: int, n_test_images: int, n_te
             pairs.append((q, a))
             if len(pairs) == turns:
                 break
+        if caption_turn:
+            pairs.append(("Describe the grid.", caption(scene)))
         train.append(_record(f"train-{i:06d}", name, pairs))
     distill = []
     for i in range(n_distill):
