@@ -447,7 +447,9 @@ class Evaluator:
             index = {name: i for i, name in enumerate(names)}
             pil = [Image.open(os.path.join(self.image_folder, n)).convert("RGB") for n in names]
             pixels = process_images(pil, processor, model.config)
-            self._images = (pixels.to(self.cfg.device), index, [im.size for im in pil])
+            # In the LLM's dtype, as upstream's own evaluation scripts pass images: the tower
+            # returns features in the images' dtype, and the projector is in the LLM's.
+            self._images = (pixels.to(self.cfg.device, dtype=model.dtype), index, [im.size for im in pil])
         prompts, answers, types, image_ids = [], [], [], []
         for r in self.records:
             conv = conv_templates["v1"].copy()
@@ -881,7 +883,9 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
     # 5 + 6. distillation runs (background) while the training-free evaluations run
     ds_steps = cfg.distill_steps
     if deadline:
-        ft_step = report["training"].get("finetune", {}).get("step_seconds") or 0.2
+        finetune = (report["training"].get("finetune")
+                    or report.get("dense_training", {}).get("training", {}).get("finetune", {}))
+        ft_step = finetune.get("step_seconds") or 0.2
         # Teacher pass, runs sharing the GPU and the CPU (data loading): assume 2.5 x slower.
         step = max(0.15, 2.5 * ft_step)
         waves = math.ceil(len(BUDGETS) / max(1, cfg.parallel))
