@@ -193,11 +193,21 @@ class _Capture:
 
 
 def teacher_hidden(teacher, inputs: dict) -> torch.Tensor:
-    """Teacher's last hidden state on the batch (no LM head, no grad)."""
+    """Teacher's last hidden state on the batch (no LM head, no grad).
+
+    The images go in the teacher's dtype: with `--bf16` on a GPU, accelerate runs only the
+    student's forward under autocast, and upstream's tower returns features in the images'
+    dtype (fp32 from the collator), which a bf16 projector would refuse."""
+    images = inputs.get("images")
+    dtype = teacher.get_model().embed_tokens.weight.dtype
+    if torch.is_tensor(images):
+        images = images.to(dtype)
+    elif isinstance(images, (list, tuple)):
+        images = [image.to(dtype) for image in images]
     with torch.no_grad():
         _, position_ids, attention_mask, _, embeds, _ = teacher.prepare_inputs_labels_for_multimodal(
             inputs["input_ids"], None, inputs.get("attention_mask"), None, None,
-            inputs.get("images"), inputs.get("image_sizes"))
+            images, inputs.get("image_sizes"))
         out = teacher.get_model()(inputs_embeds=embeds, attention_mask=attention_mask,
                                   position_ids=position_ids, use_cache=False)
     return out.last_hidden_state

@@ -310,3 +310,24 @@ print("GENERATED", out.shape[1])
                           env={**os.environ, "SPARSEVLM": "0"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "GENERATED" in done.stdout
+
+
+def test_bf16_teacher_takes_the_collators_fp32_images(tiny_llava, tiny_images):
+    """On a GPU with --bf16, accelerate autocasts only the student's forward: the teacher gets
+    the collator's fp32 images and must still run in its own dtype."""
+    from llava.mm_utils import process_images
+
+    from sparsevlm_patch.distill import teacher_hidden
+    from sparsevlm_patch.tiny import prompt_ids
+
+    tokenizer, model, image_processor = tiny_llava
+    teacher = model.to(torch.bfloat16)
+    sparsevlm_patch.disable(teacher)
+    pixels = process_images(tiny_images, image_processor, model.config)
+    assert pixels.dtype == torch.float32
+    ids = torch.stack([prompt_ids(tokenizer, "What color is the circle?")] * len(tiny_images))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool), "images": pixels}
+    hidden = teacher_hidden(teacher, inputs)
+    assert hidden.dtype == torch.bfloat16 and torch.isfinite(hidden.float()).all()
+    cast = teacher_hidden(teacher, dict(inputs, images=pixels.to(torch.bfloat16)))
+    assert torch.equal(hidden, cast)
