@@ -603,19 +603,24 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {METHOD_LABELS[method]} | "
                              + " | ".join(f"{100 * entry['per_type'][t]:.1f}" for t in task.QUESTION_TYPES) + " |")
         lines.append("")
-    if report.get("probe"):
-        p = report["probe"]
+    earlier = report.get("dense_training") or {}
+    probe = report.get("probe") or earlier.get("probe")
+    if probe:
+        p = probe
         lines.append(f"Vision tower check (linear probes on the frozen random CLIP's patch features, held-out "
                      f"images): grid cell of a token {100 * p['cell_probe_accuracy']:.1f}% (chance 11.1%), color "
                      f"under a token {100 * p['color_probe_accuracy']:.1f}% (majority class "
                      f"{100 * p['color_majority_baseline']:.1f}%).")
         lines.append("")
-    if report.get("training"):
-        lines.append("Training (upstream `llava.train.train` via `python -m sparsevlm_patch.train`):")
+    training = dict(earlier.get("training") or {}, **report.get("training", {}))
+    if training:
+        lines.append("Training (upstream `llava.train.train` via `python -m sparsevlm_patch.train`"
+                     + ("; pretraining and fine-tuning in an earlier call, `dense_training` in results.json"
+                        if earlier else "") + "):")
         lines.append("")
         lines.append("| stage | steps | seconds | loss first -> last | align loss first -> last |")
         lines.append("|---|---|---|---|---|")
-        for name, s in report["training"].items():
+        for name, s in training.items():
             align = (f"{s['align_loss_first']:.4f} -> {s['align_loss_last']:.4f}" if "align_loss_first" in s else "")
             loss = (f"{s['loss_first']:.3f} -> {s['loss_last']:.3f}" if s.get("loss_first") is not None else "")
             lines.append(f"| {name} | {s.get('steps', '')} | {s.get('seconds', '')} | {loss} | {align} |")
