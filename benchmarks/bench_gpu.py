@@ -914,6 +914,7 @@ def section_cuda_graphs(ctx: Ctx):
                     set_mode(model, mode, p)
                     run()
             torch.cuda.current_stream().wait_stream(side)
+            set_mode(model, mode, p)
             eager_again = run().float()
             graph = torch.cuda.CUDAGraph()
             set_mode(model, mode, p)
