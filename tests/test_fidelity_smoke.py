@@ -53,6 +53,18 @@ def test_splits_are_upstream_json_and_held_out(tmp_path):
     assert task.exact_match(" Yes.", "yes") and not task.exact_match("yes yes", "yes")
 
 
+def test_caption_turn_ends_each_training_conversation(tmp_path):
+    paths = task.write_splits(str(tmp_path), size=56, n_train=6, n_test_images=4, n_test=8, turns=3,
+                              seed=0, caption_turn=True)
+    pretrain = {r["image"]: r["conversations"][1]["value"] for r in json.load(open(paths["pretrain"]))}
+    for record in json.load(open(paths["train"])):
+        turns = record["conversations"]
+        assert len(turns) == 2 * 4
+        assert turns[-2]["value"] == "Describe the grid." and turns[-1]["value"] == pretrain[record["image"]]
+        assert all(t["value"] != "Describe the grid." for t in turns[:-2])
+    assert all(len(r["conversations"]) == 2 for r in json.load(open(paths["test"])))
+
+
 def test_baseline_scorers_swap_and_restore(tiny_llava):
     """Each baseline changes which visual tokens stay; the plugin's scorer comes back after."""
     from llava.mm_utils import process_images
@@ -129,3 +141,38 @@ def test_study_smoke_end_to_end(tmp_path):
     assert training["distill-64"]["align_loss_last"] > 0
     md = (out / "results.md").read_text()
     assert "retain 64" in md and "prefill FLOPs" in md
+
+
+def test_study_split_over_two_calls(tmp_path):
+    """stop_after=dense exports the dense model in pieces; dense_from picks it up, skips the
+    training and reports the first call's training record."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    work = tmp_path / "work"
+    run = [sys.executable, os.path.join(STUDY, "run_study.py"), "--preset", "smoke", "--work", str(work)]
+    proc = subprocess.run(run + ["--out", str(first), "--set", "stop_after=dense"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    parts = sorted(p.name for p in first.iterdir() if p.name.startswith("dense.tar.part"))
+    assert parts and all((first / p).stat().st_size > 0 for p in parts)
+    report_a = json.loads((first / "results.json").read_text())
+    assert set(report_a["results"]) == {"dense"} and "finetune" in report_a["training"]
+
+    import shutil
+    shutil.rmtree(work)  # the second call starts on a fresh machine
+    proc = subprocess.run(run + ["--out", str(second), "--set", f"dense_from={first}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report_b = json.loads((second / "results.json").read_text())
+    assert "error" not in report_b
+    assert "pretrain" not in report_b["training"] and "finetune" not in report_b["training"]
+    assert report_b["dense_training"]["training"]["finetune"]["steps"] == report_a["training"]["finetune"]["steps"]
+    assert report_b["results"]["dense"]["accuracy"] == report_a["results"]["dense"]["accuracy"]
+    assert set(report_b["results"]["sparsevlm_distilled"]) == {"192", "128", "96", "64"}
+    assert "| finetune |" in (second / "results.md").read_text()
+
+
+def test_dense_from_without_parts_names_the_setting(tmp_path):
+    from run_study import import_dense
+
+    with pytest.raises(FileNotFoundError, match="dense_from="):
+        import_dense(str(tmp_path), str(tmp_path / "dense"), {}, print)
