@@ -887,10 +887,9 @@ def host_inputs_kept(store: list):
 
 def section_cuda_graphs(ctx: Ctx):
     """What a CUDA-graph prefill adds: the same LM forward (dense, r64_rec, ideal r64)
-    captured once per batch and replayed, so no host launch cost is left. Checks: dense and
-    ideal replays equal their eager forward; the sparse replay keeps the preset counts and
-    the same tokens as the eager forward up to near-ties (its keep mask lives in the graph's
-    memory, so it is the replay's)."""
+    captured once per batch and replayed, so no host launch cost is left. Check: every replay
+    equals its eager forward (the sparse forward is deterministic); the sparse replay's keep
+    mask (it lives in the graph's memory) is compared with the eager one."""
     model = ctx.model
     res = {}
     for b in ctx.batches[:2]:
@@ -925,15 +924,10 @@ def section_cuda_graphs(ctx: Ctx):
             rel = float((static_out.float() - eager_out[name]).norm() / eager_out[name].norm())
             row[name] = {"replay_rel_diff": rel, "eager_rerun_rel_diff": float(
                 (eager_again - eager_out[name]).norm() / eager_out[name].norm())}
-            if eager_keep is None:
-                ctx.results["checks"][f"cuda_graphs/b{b}/{name}_replay_equals_eager"] = rel < 1e-3
-            else:
+            ctx.results["checks"][f"cuda_graphs/b{b}/{name}_replay_equals_eager"] = rel < 1e-3
+            if eager_keep is not None:
                 keep = sparsevlm_patch.last_keep_mask(model)
-                agree = float((keep == eager_keep).float().mean())
-                same_counts = bool((keep.sum(1) == eager_keep.sum(1)).all())
-                row[name].update(keep_mask_agreement=agree, same_kept_counts=same_counts)
-                ctx.results["checks"][f"cuda_graphs/b{b}/{name}_replay_keeps_like_eager"] = (
-                    same_counts and agree > 0.99)
+                row[name]["keep_mask_agreement"] = float((keep == eager_keep).float().mean())
             graphs[name] = graph
         timing = bench_rounds(ctx, {n: (lambda: None, g.replay) for n, g in graphs.items()},
                               rounds=15, warmup=2)

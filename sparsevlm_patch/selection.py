@@ -101,7 +101,9 @@ def recycle(
     The n_candidates[b] best-scoring pruned slots are candidates; the n_clusters[b] best
     of them are cluster centres; every candidate joins its most cosine-similar centre and
     each cluster is averaged. Returns [B, max_clusters, D] (rows past n_clusters[b] are
-    padding). One assignment step, fixed shapes: no iteration, no host sync.
+    padding). One assignment step, fixed shapes: no iteration, no host sync. The sums are a
+    matmul with the one-hot assignment, not a scatter_add, whose atomics on a GPU would make
+    the recycled tokens (and every later selection) differ from run to run.
     """
     B, _, D = hidden.shape
     if max_clusters == 0:
@@ -109,13 +111,13 @@ def recycle(
     ranked = torch.where(pruned, scores, float("-inf")).topk(max_candidates, dim=1).indices
     cand = gather_rows(hidden, ranked)  # [B, C, D], best first
     cand_valid = torch.arange(max_candidates, device=hidden.device)[None] < n_candidates[:, None]
-    centre_valid = torch.arange(max_clusters, device=hidden.device)[None] < n_clusters[:, None]
+    centres = torch.arange(max_clusters, device=hidden.device)
+    centre_valid = centres[None] < n_clusters[:, None]
     unit = torch.nn.functional.normalize(cand.float(), dim=-1)
     sim = torch.einsum("bcd,bkd->bck", unit, unit[:, :max_clusters])
     sim = torch.where(centre_valid[:, None, :], sim, float("-inf"))
     cluster = sim.argmax(dim=-1)  # [B, C]
-    weight = cand_valid.to(hidden.dtype)[..., None]
-    sums = hidden.new_zeros(B, max_clusters, D).scatter_add(
-        1, cluster[..., None].expand(-1, -1, D), cand * weight)
-    sizes = hidden.new_zeros(B, max_clusters).scatter_add(1, cluster, weight[..., 0])
+    assign = ((cluster[..., None] == centres) & cand_valid[..., None]).to(hidden.dtype)  # [B, C, K]
+    sums = assign.transpose(1, 2) @ cand
+    sizes = assign.sum(1)
     return sums / sizes.clamp(min=1)[..., None]

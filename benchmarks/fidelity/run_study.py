@@ -360,6 +360,7 @@ def _install_method(method: str, seed: int):
     import torch
 
     import sparsevlm_patch.sparse_forward as sf
+    from sparsevlm_patch.selection import rater_weights
 
     original = sf._scores
     if method in ("dense", "sparsevlm"):
@@ -377,8 +378,9 @@ def _install_method(method: str, seed: int):
         # Raters: only the last valid prompt token (the ":" of "ASSISTANT:"), FastV-style.
         slots = torch.arange(act.valid.shape[1], device=act.valid.device)
         last = (act.valid * slots).amax(dim=1)
-        weight = (act.rater_slot == last[:, None]).to(rater_weight.dtype)
-        weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, rater_weight)
+        heads = layer.self_attn.num_heads
+        last_rates = act.rater_slot == last[:, None]
+        weight = torch.where(last_rates.any(1, keepdim=True), rater_weights(last_rates, heads), rater_weight)
         return original(layer, act, weight, rope_len)
 
     def visual_only_scores(layer, act, rater_weight, rope_len):
@@ -386,7 +388,8 @@ def _install_method(method: str, seed: int):
         slots = torch.arange(act.visual.shape[1], device=act.visual.device)
         last_visual = (act.visual * slots).amax(dim=1, keepdim=True)
         blind = replace(act, rater_slot=last_visual)
-        return original(layer, blind, torch.ones_like(last_visual, dtype=rater_weight.dtype), rope_len)
+        return original(layer, blind, rater_weights(torch.ones_like(last_visual, dtype=torch.bool),
+                                                    layer.self_attn.num_heads), rope_len)
 
     sf._scores = {"random": random_scores, "fastv_last_token": last_token_scores,
                   "visual_only": visual_only_scores}[method]
@@ -815,7 +818,8 @@ def import_dense(folder: str, dense_dir: str, report: dict, log: Log) -> None:
                 shutil.copyfileobj(part, whole)
     os.makedirs(dense_dir, exist_ok=True)
     with tarfile.open(archive) as tar:
-        tar.extractall(dense_dir)
+        tar.extractall(dense_dir, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    os.remove(archive)
     earlier = os.path.join(folder, "results.json")
     if os.path.exists(earlier):
         with open(earlier, encoding="utf-8") as handle:
@@ -888,8 +892,8 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
     # 5 + 6. distillation runs (background) while the training-free evaluations run
     ds_steps = cfg.distill_steps
     if deadline:
-        finetune = (report["training"].get("finetune")
-                    or report.get("dense_training", {}).get("training", {}).get("finetune", {}))
+        earlier = (report.get("dense_training") or {}).get("training") or {}
+        finetune = report["training"].get("finetune") or earlier.get("finetune") or {}
         ft_step = finetune.get("step_seconds") or 0.2
         # Teacher pass, runs sharing the GPU and the CPU (data loading): assume 2.5 x slower.
         step = max(0.15, 2.5 * ft_step)
