@@ -21,7 +21,7 @@ PRESET_SCHEDULES = {
 }
 PRESET_VISUAL_TOKENS = 576
 DEFAULT_LAYERS = (2, 6, 15)
-DEFAULT_RETAIN = 192
+DEFAULT_RETAIN = 64
 
 # Token recycling: the top RECYCLE_CANDIDATE_SHARE of the pruned tokens (by score) are
 # clustered into ceil(kept / RECYCLE_KEPT_PER_CLUSTER) merged tokens.

@@ -16,7 +16,8 @@ import wrapt
 from . import compat
 from .config import config_from_env, env_enabled
 from .layout import IGNORE_INDEX, layout_from_probe
-from .sparse_forward import PrunedCache, sparse_decode, sparse_prefill
+from .plan import make_plan, text_only_plan
+from .sparse_forward import PrunedCache, prefill_stats, sparse_decode, sparse_prefill
 from .state import FULL_ROPE_ATTR, state_for
 
 _MISSING = object()
@@ -59,6 +60,13 @@ def _llama_forward(wrapped, instance, args, kwargs):
     state.clear()
     layout = _match(layout, a["inputs_embeds"])
     if layout is not None:
+        plan = make_plan(state.config, layout)
+        if not any(stage.changes for stage in plan.stages):
+            # Nothing to prune (a budget at or above the visual count): upstream exactly.
+            outputs = wrapped(*args, **kwargs)
+            state.record(layout.valid.clone(), prefill_stats(
+                plan, [s.image_spans for s in layout.samples], instance.config, len(instance.layers), pruned=False))
+            return outputs
         if _flag(a, instance, "output_attentions"):
             raise ValueError(
                 "output_attentions=True is not supported by the sparse forward (it never builds the "
@@ -66,13 +74,13 @@ def _llama_forward(wrapped, instance, args, kwargs):
         use_cache = _flag(a, instance, "use_cache")
         if instance.gradient_checkpointing and instance.training:
             use_cache = False
-        return sparse_prefill(instance, state, layout, attention_mask=a["attention_mask"],
+        return sparse_prefill(instance, state, layout, plan, attention_mask=a["attention_mask"],
                               position_ids=a["position_ids"], inputs_embeds=a["inputs_embeds"],
                               use_cache=use_cache,
                               output_hidden_states=_flag(a, instance, "output_hidden_states"),
                               return_dict=_flag(a, instance, "use_return_dict", "return_dict"))
     outputs = wrapped(*args, **kwargs)
-    _record_text_only(state, a)
+    _record_text_only(state, instance, a)
     return outputs
 
 
@@ -111,17 +119,15 @@ def _flag(a: dict, model, config_name: str, arg_name: str = None):
     return getattr(model.config, config_name) if value is None else value
 
 
-def _record_text_only(state, a: dict) -> None:
+def _record_text_only(state, model, a: dict) -> None:
     """A prefill without visual tokens keeps every valid token."""
     reference = a["input_ids"] if a["input_ids"] is not None else a["inputs_embeds"][..., 0]
     mask = a["attention_mask"]
     keep = mask.bool() if mask is not None else torch.ones(reference.shape[:2], dtype=torch.bool,
                                                            device=reference.device)
-    B = keep.shape[0]
-    state.record(keep, {"pruning_layers": list(state.config.pruning_layers), "visual_tokens": [0] * B,
-                        "kept_visual": [[0] * len(state.config.pruning_layers)] * B,
-                        "recycled": [[0] * len(state.config.pruning_layers)] * B,
-                        "flops": {"ratio": 1.0}})
+    valid = keep.sum(1).tolist() if mask is not None else [keep.shape[1]] * keep.shape[0]
+    plan = text_only_plan(state.config, valid)
+    state.record(keep, prefill_stats(plan, [[] for _ in valid], model.config, len(model.layers), pruned=False))
 
 
 def _prepare_multimodal(wrapped, instance, args, kwargs):

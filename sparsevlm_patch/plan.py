@@ -67,6 +67,14 @@ def make_plan(config: SparseConfig, layout: BatchLayout) -> PrefillPlan:
     return PrefillPlan(stages, valid, visual, raters)
 
 
+def text_only_plan(config: SparseConfig, valid_counts: List[int]) -> PrefillPlan:
+    """The plan of a batch without visual tokens: every pruning layer keeps every token."""
+    B = len(valid_counts)
+    stages = [StagePlan(layer, [0] * B, [0] * B, [0] * B, list(valid_counts), list(valid_counts))
+              for layer in config.pruning_layers]
+    return PrefillPlan(stages, list(valid_counts), [0] * B, [0] * B)
+
+
 def layer_flops(tokens: int, context: int, hidden: int, kv_hidden: int, mlp: int) -> float:
     """Analytic forward FLOPs of one decoder layer: projections, MLP and attention."""
     linear = 2 * tokens * (hidden * (2 * hidden + 2 * kv_hidden) + 3 * hidden * mlp)

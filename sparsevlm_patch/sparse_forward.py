@@ -9,7 +9,7 @@ labels and the generation loop never see a shorter sequence.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List
 
 import torch
@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from .layout import BatchLayout, to_device
-from .plan import PrefillPlan, StagePlan, flops_summary, make_plan
+from .plan import PrefillPlan, StagePlan, flops_summary
 from .selection import (gather_rows, rater_attention, rater_weights, recycle, select_raters, top_k_mask,
                         visual_scores)
 
@@ -174,15 +174,13 @@ def _scatter(full: torch.Tensor, act: Active) -> torch.Tensor:
     return full.scatter(1, index, act.hidden)
 
 
-def sparse_prefill(model, state, layout: BatchLayout, *, attention_mask, position_ids,
+def sparse_prefill(model, state, layout: BatchLayout, plan: PrefillPlan, *, attention_mask, position_ids,
                    inputs_embeds, use_cache, output_hidden_states, return_dict):
-    """Prefill (or training forward) of `model` (a LlamaModel) with pruning."""
-    config = state.config
+    """Prefill (or training forward) of `model` (a LlamaModel) with pruning by `plan`."""
     layers = model.layers
     B, L, D = inputs_embeds.shape
     device = inputs_embeds.device
     impl = getattr(model.config, "_attn_implementation", "eager")
-    plan = make_plan(config, layout)
 
     if position_ids is None:
         position_ids = torch.arange(L, device=device)[None]
@@ -249,7 +247,7 @@ def sparse_prefill(model, state, layout: BatchLayout, *, attention_mask, positio
     if output_hidden_states:
         hidden_states.append(last)
 
-    state.record(keep, _stats(plan, layout, model.config, len(layers)))
+    state.record(keep, prefill_stats(plan, [s.image_spans for s in layout.samples], model.config, len(layers)))
     outputs = (last, cache if use_cache else None,
                tuple(hidden_states) if output_hidden_states else None, None)
     if not return_dict:
@@ -313,13 +311,16 @@ def _decode_attention_backends(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _stats(plan: PrefillPlan, layout: BatchLayout, model_config, num_layers: int) -> dict:
+def prefill_stats(plan: PrefillPlan, image_spans, model_config, num_layers: int, pruned: bool = True) -> dict:
+    """What `last_stats` returns. `pruned=False`: the prefill ran upstream's dense forward
+    (nothing to prune), so no selection FLOPs were spent."""
+    samples = range(len(plan.visual_counts))
     return {
         "pruning_layers": [s.layer for s in plan.stages],
         "visual_tokens": list(plan.visual_counts),
-        "kept_visual": [[s.kept[b] for s in plan.stages] for b in range(len(plan.visual_counts))],
-        "recycled": [[s.recycled[b] for s in plan.stages] for b in range(len(plan.visual_counts))],
+        "kept_visual": [[s.kept[b] for s in plan.stages] for b in samples],
+        "recycled": [[s.recycled[b] for s in plan.stages] for b in samples],
         "tokens_per_layer": plan.tokens_per_layer(num_layers),
-        "image_spans": [s.image_spans for s in layout.samples],
-        "flops": flops_summary(plan, model_config, num_layers),
+        "image_spans": [list(spans) for spans in image_spans],
+        "flops": flops_summary(plan if pruned else replace(plan, stages=[]), model_config, num_layers),
     }

@@ -80,8 +80,11 @@ def _num_layers(inner) -> Optional[int]:
     return getattr(inner.config, "num_hidden_layers", None) if hasattr(inner, "config") else None
 
 
-def enable(model, retain_tokens=None, pruning_layers=DEFAULT_LAYERS, keep_schedule=None, recycle=True):
-    """Run `model` sparse with this configuration (overrides the environment's)."""
+def enable(model, retain_tokens=None, pruning_layers=DEFAULT_LAYERS, recycle=True, keep_schedule=None):
+    """Run `model` sparse with this configuration (overrides the environment's).
+
+    `retain_tokens`: 192 / 128 / 96 / 64 (presets) or any number, None = 64; or
+    `keep_schedule`: the visual tokens kept at each pruning layer, instead of a budget."""
     from .hooks import apply
 
     inner = language_model(model)

@@ -30,7 +30,7 @@ def training_arguments_class(base):
     class TrainingArguments(base):
         sparse: bool = field(default=True, metadata={"help": "Prune the student's visual tokens (SparseVLM)."})
         retain_tokens: Optional[int] = field(default=None, metadata={
-            "help": "Visual-token budget: 192, 128, 96, 64 (presets) or a number; default 192."})
+            "help": "Visual-token budget: 192, 128, 96, 64 (presets) or a number; default 64."})
         pruning_layers: Optional[str] = field(default=None, metadata={
             "help": "Decoder layers that prune, e.g. 2,6,15 (the default)."})
         keep_schedule: Optional[str] = field(default=None, metadata={

@@ -29,11 +29,11 @@ def assert_clear(excinfo, *parts):
 
 # ----------------------------------------------------------------------------- presets
 
-def test_default_config_is_retain_192_layers_2_6_15_with_recycling():
+def test_default_config_is_retain_64_layers_2_6_15_with_recycling():
     config = make_config()
-    assert config == SparseConfig(pruning_layers=(2, 6, 15), retain_tokens=192,
+    assert config == SparseConfig(pruning_layers=(2, 6, 15), retain_tokens=64,
                                   keep_schedule=None, recycle=True)
-    assert config.keep_counts(576) == (300, 200, 110)
+    assert config.keep_counts(576) == (66, 30, 17)
 
 
 @pytest.mark.parametrize("retain, counts", [
@@ -293,3 +293,19 @@ def test_env_layer_past_the_depth_fails_on_first_use(tiny_llava, tiny_images, cl
     with pytest.raises(ValueError) as excinfo:
         _tiny_forward(*tiny_llava, tiny_images[0])
     assert_clear(excinfo, "SPARSEVLM_LAYERS", "2,6,16", "1..15")
+
+
+def test_enable_takes_design_md_positional_order_and_defaults(tiny_llava, tiny_images, clean_env):
+    """`enable(model, retain_tokens=64, pruning_layers=(2, 6, 15), recycle=True)`, in that order."""
+    import sparsevlm_patch
+
+    model = tiny_llava[1]
+    sparsevlm_patch.enable(model, 96, (2, 6, 15), False)
+    _tiny_forward(*tiny_llava, tiny_images[0])
+    stats = sparsevlm_patch.last_stats(model)
+    assert stats["kept_visual"] == [[238, 48, 26]] and stats["recycled"] == [[0, 0, 0]]
+    sparsevlm_patch.enable(model)
+    _tiny_forward(*tiny_llava, tiny_images[0])
+    stats = sparsevlm_patch.last_stats(model)
+    assert stats["pruning_layers"] == [2, 6, 15] and stats["kept_visual"] == [[66, 30, 17]]
+    assert any(n > 0 for n in stats["recycled"][0])
