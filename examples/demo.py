@@ -171,7 +171,8 @@ def distillation_demo():
                 print(line)
         print(f"{'step':>4}  {'total':>7}  {'lm_loss':>7}  {'align_loss':>10}  kept visual (L2, L6, L15)")
         for step, entry in enumerate(logs, 1):
-            kept = ", ".join(str(int(entry[k])) for k in entry if k.startswith("kept_visual_"))
+            layers = sorted((k for k in entry if k.startswith("kept_visual_l")), key=lambda k: int(k[13:]))
+            kept = ", ".join(str(int(entry[k])) for k in layers)
             print(f"{step:>4}  {entry['loss']:7.3f}  {entry['lm_loss']:7.3f}  {entry['align_loss']:10.4f}  {kept}")
         print("(the teacher starts equal to the student; the first optimizer step moves the student "
               "away, then the alignment loss pulls it back while the LM loss falls)")

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .config import DEFAULT_LAYERS, make_config
+from .config import DEFAULT_LAYERS, ENV_NAMES, env_enabled, make_config
 from .state import disable, enable, language_model, last_keep_mask, unwrap
 
 SETUP_ATTR = "_sparsevlm_distill"
@@ -27,7 +29,7 @@ TEACHER_CONFIG_FIELDS = (
 # Training flags and their defaults when a trainer's args lack them (own launchers).
 FLAG_DEFAULTS = {
     "sparse": True, "retain_tokens": None, "pruning_layers": None, "keep_schedule": None,
-    "token_recycling": True, "teacher_model_name_or_path": None, "align_loss_weight": 1.0,
+    "token_recycling": True, "teacher_model_name_or_path": None, "align_loss_weight": None,
 }
 FLAG_NAMES = {"retain_tokens": "--retain_tokens", "pruning_layers": "--pruning_layers",
               "keep_schedule": "--keep_schedule", "recycle": "--token_recycling"}
@@ -49,7 +51,12 @@ class DistillSetup:
 
 def _arg(args, name):
     value = getattr(args, name, FLAG_DEFAULTS[name])
-    return DEFAULT_LAYERS if name == "pruning_layers" and value is None else value
+    if value is None and name == "pruning_layers":
+        return DEFAULT_LAYERS
+    if value is None and name == "align_loss_weight":
+        # Distillation goes with pruning; `--sparse False` alone is upstream's training.
+        return 1.0 if _arg(args, "sparse") else 0.0
+    return value
 
 
 def training_mode(args, model) -> str:
@@ -140,6 +147,7 @@ def _setup(trainer, model) -> DistillSetup:
     if setup is not None:
         return setup
     args = trainer.args
+    _warn_unused_environment()
     student = unwrap(model)
     if _arg(args, "sparse"):
         flags = dict(retain_tokens=_arg(args, "retain_tokens"), pruning_layers=_arg(args, "pruning_layers"),
@@ -164,6 +172,17 @@ def _setup(trainer, model) -> DistillSetup:
     setup = DistillSetup(teacher, weight, bool(_arg(args, "sparse")), {})
     trainer.__dict__[SETUP_ATTR] = setup
     return setup
+
+
+def _warn_unused_environment() -> None:
+    """Training is configured by its flags; say so if the environment asks for something else."""
+    unused = [f"{env}={os.environ[env]}" for env in ENV_NAMES.values() if env in os.environ]
+    if not env_enabled():
+        unused.append(f"SPARSEVLM={os.environ['SPARSEVLM']}")
+    if unused:
+        warnings.warn(f"sparsevlm_patch: {', '.join(unused)} set in the environment but not used: training "
+                      "reads its flags (--sparse, --retain_tokens, --pruning_layers, --keep_schedule, "
+                      "--token_recycling)", stacklevel=2)
 
 
 def _describe_teacher(teacher, path: str) -> str:
@@ -298,4 +317,5 @@ def check_flags(args) -> None:
     teacher = _arg(args, "teacher_model_name_or_path")
     if weight == 0 and teacher:
         raise ValueError(f"--teacher_model_name_or_path={teacher!r} is set but --align_loss_weight is 0, "
-                         "which loads no teacher: give a weight > 0 or drop the teacher path")
+                         "(the default with --sparse False), which loads no teacher: give a weight > 0 "
+                         "or drop the teacher path")

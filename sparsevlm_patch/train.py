@@ -29,7 +29,8 @@ def training_arguments_class(base):
     @dataclass
     class TrainingArguments(base):
         sparse: bool = field(default=True, metadata={"help": "Prune the student's visual tokens (SparseVLM)."})
-        retain_tokens: Optional[int] = field(default=None, metadata={
+        # A string, so that a bad value gets the plugin's message (what is allowed), not argparse's.
+        retain_tokens: Optional[str] = field(default=None, metadata={
             "help": "Visual-token budget: 192, 128, 96, 64 (presets) or a number; default 64."})
         pruning_layers: Optional[str] = field(default=None, metadata={
             "help": "Decoder layers that prune, e.g. 2,6,15 (the default)."})
@@ -38,8 +39,9 @@ def training_arguments_class(base):
         token_recycling: bool = field(default=True, metadata={"help": "Merge the best pruned tokens into a few."})
         teacher_model_name_or_path: Optional[str] = field(default=None, metadata={
             "help": "Frozen dense teacher (default: --model_name_or_path)."})
-        align_loss_weight: float = field(default=1.0, metadata={
-            "help": "Weight of the student-teacher hidden-state MSE; 0 loads no teacher."})
+        align_loss_weight: Optional[float] = field(default=None, metadata={
+            "help": "Weight of the student-teacher hidden-state MSE; 0 loads no teacher. Default 1.0, "
+                    "or 0 with --sparse False (upstream's own training)."})
 
         def __post_init__(self):
             check_flags(self)  # before any model is loaded

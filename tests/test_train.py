@@ -84,6 +84,7 @@ def test_sparse_flags_are_in_upstreams_parser():
     (["--keep_schedule", "66,30"], "--keep_schedule"),
     (["--pruning_layers", "0,6,15"], "--pruning_layers"),
     (["--retain_tokens", "-3"], "--retain_tokens"),
+    (["--retain_tokens", "abc"], "--retain_tokens='abc' is not a number: expected a positive number"),
     (["--align_loss_weight", "-1"], "--align_loss_weight"),
     (["--sparse", "False", "--retain_tokens", "64"], "--retain_tokens"),
     (["--align_loss_weight", "0", "--teacher_model_name_or_path", "/some/teacher"], "--teacher_model_name_or_path"),
@@ -177,7 +178,7 @@ def test_dense_without_teacher_reproduces_upstream_exactly(setup, tmp_path):
     upstream = subprocess.run([sys.executable, "-m", "llava.train.train"] + flags, capture_output=True,
                               text=True, cwd=ROOT, env=env, timeout=600)
     assert upstream.returncode == 0, upstream.stderr[-3000:]
-    flags = upstream_flags(setup, tmp_path / "y", steps=3) + ["--sparse", "False", "--align_loss_weight", "0"]
+    flags = upstream_flags(setup, tmp_path / "y", steps=3) + ["--sparse", "False"]  # no teacher either
     ours = subprocess.run([sys.executable, "-m", "sparsevlm_patch.train"] + flags, capture_output=True,
                           text=True, cwd=ROOT, timeout=600)
     assert ours.returncode == 0, ours.stderr[-3000:]
@@ -331,3 +332,11 @@ def test_bf16_teacher_takes_the_collators_fp32_images(tiny_llava, tiny_images):
     assert hidden.dtype == torch.bfloat16 and torch.isfinite(hidden.float()).all()
     cast = teacher_hidden(teacher, dict(inputs, images=pixels.to(torch.bfloat16)))
     assert torch.equal(hidden, cast)
+
+
+def test_training_says_the_environment_is_not_used(setup, tmp_path, monkeypatch):
+    """Training is configured by its flags; SPARSEVLM_* in the environment is not silently dropped."""
+    monkeypatch.setenv("SPARSEVLM_RETAIN", "128")
+    with pytest.warns(UserWarning, match="SPARSEVLM_RETAIN=128 set in the environment but not used"):
+        trainer = train_in_process(monkeypatch, upstream_flags(setup, tmp_path, steps=1) + ["--retain_tokens", "64"])
+    assert sparsevlm_patch.last_stats(trainer.model)["kept_visual"][0] == [66, 30, 17]
