@@ -142,6 +142,21 @@ def load_teacher(student, path: str, dtype: torch.dtype, device) -> torch.nn.Mod
     return teacher
 
 
+def check_depth_at_init(wrapped, trainer, args, kwargs):
+    """LLaVATrainer.__init__: the student is loaded, so a pruning layer past its depth fails
+    now, under the flag's name, before the teacher loads or any step runs."""
+    wrapped(*args, **kwargs)
+    if _arg(trainer.args, "sparse"):
+        _sparse_flags(trainer.args, unwrap(trainer.model).config.num_hidden_layers)
+
+
+def _sparse_flags(args, num_layers: int) -> dict:
+    flags = dict(retain_tokens=_arg(args, "retain_tokens"), pruning_layers=_arg(args, "pruning_layers"),
+                 keep_schedule=_arg(args, "keep_schedule"), recycle=_arg(args, "token_recycling"))
+    make_config(**flags, num_layers=num_layers, names=FLAG_NAMES)
+    return flags
+
+
 def _setup(trainer, model) -> DistillSetup:
     setup = trainer.__dict__.get(SETUP_ATTR)
     if setup is not None:
@@ -150,11 +165,7 @@ def _setup(trainer, model) -> DistillSetup:
     _warn_unused_environment()
     student = unwrap(model)
     if _arg(args, "sparse"):
-        flags = dict(retain_tokens=_arg(args, "retain_tokens"), pruning_layers=_arg(args, "pruning_layers"),
-                     keep_schedule=_arg(args, "keep_schedule"), recycle=_arg(args, "token_recycling"))
-        # The model's depth is known only now: check the layers against it under the flags' names.
-        make_config(**flags, num_layers=student.config.num_hidden_layers, names=FLAG_NAMES)
-        enable(student, **flags)
+        enable(student, **_sparse_flags(args, student.config.num_hidden_layers))
     else:
         disable(student)
     weight = float(_arg(args, "align_loss_weight"))

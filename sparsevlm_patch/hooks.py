@@ -18,7 +18,7 @@ from .config import config_from_env, env_enabled
 from .layout import IGNORE_INDEX, layout_from_probe
 from .plan import make_plan, text_only_plan
 from .sparse_forward import PrunedCache, prefill_stats, sparse_decode, sparse_prefill
-from .state import FULL_ROPE_ATTR, state_for
+from .state import FULL_ROPE_ATTR, language_model, state_for
 
 _MISSING = object()
 _patches = []  # (owner, name, original attribute or _MISSING)
@@ -82,6 +82,18 @@ def _llama_forward(wrapped, instance, args, kwargs):
     outputs = wrapped(*args, **kwargs)
     _record_text_only(state, instance, a)
     return outputs
+
+
+def _load_pretrained(wrapped, instance, args, kwargs):
+    """llava.model.builder.load_pretrained_model: the model's depth is known once it is
+    loaded, so the environment's pruning layers are checked against it here rather than at
+    its first forward. (Not inside the model's __init__: an error there would leave the
+    default dtype that transformers' from_pretrained set for loading.)"""
+    loaded = wrapped(*args, **kwargs)
+    model = loaded[1]
+    if env_enabled() and hasattr(model, "get_vision_tower"):
+        config_from_env(num_layers=language_model(model).config.num_hidden_layers)
+    return loaded
 
 
 def _match(layout, embeds):
@@ -203,12 +215,19 @@ def _patch_llava(module) -> None:
     _wrap(owner, "prepare_inputs_labels_for_multimodal", _prepare_multimodal)
 
 
+def _patch_builder(module) -> None:
+    if not _installed or _is_patched(module, "load_pretrained_model"):
+        return
+    _wrap(module, "load_pretrained_model", _load_pretrained)
+
+
 def _patch_trainer(module) -> None:
     from . import distill
 
     owner = module.LLaVATrainer
     if not _installed or _is_patched(owner, "compute_loss"):
         return
+    _wrap(owner, "__init__", distill.check_depth_at_init)
     _wrap(owner, "compute_loss", distill.compute_loss)
     _wrap(owner, "log", distill.log)
 
@@ -228,6 +247,7 @@ def _patch_train_module(module) -> None:
 _HOOKS = {
     "transformers.models.llama.modeling_llama": _patch_transformers,
     "llava.model.llava_arch": _patch_llava,
+    "llava.model.builder": _patch_builder,
     "llava.train.llava_trainer": _patch_trainer,
     "llava.train.train": _patch_train_module,
 }

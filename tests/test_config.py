@@ -288,10 +288,12 @@ def test_env_configures_models_never_enabled(tiny_llava, tiny_images, clean_env)
     assert stats["recycled"] == [[0, 0, 0]]
 
 
-def test_env_layer_past_the_depth_fails_on_first_use(tiny_llava, tiny_images, clean_env):
+def test_env_layer_past_the_depth_fails_when_the_model_is_built(tiny_llava_dir, clean_env):
+    from conftest import load_tiny_llava
+
     clean_env.setenv("SPARSEVLM_LAYERS", "2,6,16")
     with pytest.raises(ValueError) as excinfo:
-        _tiny_forward(*tiny_llava, tiny_images[0])
+        load_tiny_llava(tiny_llava_dir)
     assert_clear(excinfo, "SPARSEVLM_LAYERS", "2,6,16", "1..15")
 
 
