@@ -143,10 +143,11 @@ def test_study_smoke_end_to_end(tmp_path):
     assert "retain 64" in md and "prefill FLOPs" in md
 
 
-def test_study_split_over_two_calls(tmp_path):
-    """stop_after=dense exports the dense model in pieces; dense_from picks it up, skips the
-    training and reports the first call's training record."""
-    first, second = tmp_path / "first", tmp_path / "second"
+def test_study_split_over_calls(tmp_path):
+    """stop_after=dense exports the dense model in pieces; dense_from picks it up (a middle
+    call fine-tunes it further and exports it again), skips the training and reports the
+    earlier calls' training records."""
+    first, middle, second = tmp_path / "first", tmp_path / "middle", tmp_path / "second"
     work = tmp_path / "work"
     run = [sys.executable, os.path.join(STUDY, "run_study.py"), "--preset", "smoke", "--work", str(work)]
     proc = subprocess.run(run + ["--out", str(first), "--set", "stop_after=dense"],
@@ -158,15 +159,25 @@ def test_study_split_over_two_calls(tmp_path):
     assert set(report_a["results"]) == {"dense"} and "finetune" in report_a["training"]
 
     import shutil
-    shutil.rmtree(work)  # the second call starts on a fresh machine
-    proc = subprocess.run(run + ["--out", str(second), "--set", f"dense_from={first}"],
+    shutil.rmtree(work)  # every call starts on a fresh machine
+    proc = subprocess.run(run + ["--out", str(middle), "--set", f"dense_from={first}", "continue_finetune=true",
+                                 "stop_after=dense"], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report_m = json.loads((middle / "results.json").read_text())
+    assert "error" not in report_m and report_m["training"]["finetune-continued"]["steps"] > 0
+    assert any(p.name.startswith("dense.tar.part") for p in middle.iterdir())
+
+    shutil.rmtree(work)
+    proc = subprocess.run(run + ["--out", str(second), "--set", f"dense_from={middle}"],
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report_b = json.loads((second / "results.json").read_text())
     assert "error" not in report_b
     assert "pretrain" not in report_b["training"] and "finetune" not in report_b["training"]
-    assert report_b["dense_training"]["training"]["finetune"]["steps"] == report_a["training"]["finetune"]["steps"]
-    assert report_b["results"]["dense"]["accuracy"] == report_a["results"]["dense"]["accuracy"]
+    earlier = report_b["dense_training"]
+    assert earlier["training"]["finetune-continued"] == report_m["training"]["finetune-continued"]
+    assert earlier["dense_training"]["training"]["finetune"]["steps"] == report_a["training"]["finetune"]["steps"]
+    assert report_b["results"]["dense"]["accuracy"] == report_m["results"]["dense"]["accuracy"]
     assert set(report_b["results"]["sparsevlm_distilled"]) == {"192", "128", "96", "64"}
     assert "| finetune |" in (second / "results.md").read_text()
 

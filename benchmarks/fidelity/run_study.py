@@ -115,6 +115,7 @@ class Config:
     preflight: bool = True
     stop_after: str = ""  # "dense": stop after the dense evaluation and export the dense model
     dense_from: str = ""  # folder of an exported dense model (dense.tar.part*): skip steps 3-4
+    continue_finetune: bool = False  # with dense_from: fine-tune the imported model further first
 
 
 PRESETS = {
@@ -606,8 +607,8 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {METHOD_LABELS[method]} | "
                              + " | ".join(f"{100 * entry['per_type'][t]:.1f}" for t in task.QUESTION_TYPES) + " |")
         lines.append("")
-    earlier = report.get("dense_training") or {}
-    probe = report.get("probe") or earlier.get("probe")
+    chain = _calls(report)
+    probe = next((r["probe"] for r in chain if r.get("probe")), None)
     if probe:
         p = probe
         lines.append(f"Vision tower check (linear probes on the frozen random CLIP's patch features, held-out "
@@ -615,11 +616,13 @@ def markdown(report: dict) -> str:
                      f"under a token {100 * p['color_probe_accuracy']:.1f}% (majority class "
                      f"{100 * p['color_majority_baseline']:.1f}%).")
         lines.append("")
-    training = dict(earlier.get("training") or {}, **report.get("training", {}))
+    training = {}
+    for call in chain:
+        training.update(call.get("training") or {})
     if training:
         lines.append("Training (upstream `llava.train.train` via `python -m sparsevlm_patch.train`"
-                     + ("; pretraining and fine-tuning in an earlier call, `dense_training` in results.json"
-                        if earlier else "") + "):")
+                     + ("; the dense training in earlier calls, `dense_training` in results.json"
+                        if len(chain) > 1 else "") + "):")
         lines.append("")
         lines.append("| stage | steps | seconds | loss first -> last | align loss first -> last |")
         lines.append("|---|---|---|---|---|")
@@ -631,6 +634,14 @@ def markdown(report: dict) -> str:
     if report.get("error"):
         lines += ["**The run stopped early:**", "", "```", report["error"][-2000:], "```", ""]
     return "\n".join(lines) + "\n"
+
+
+def _calls(report: dict) -> List[dict]:
+    """This call's report and the earlier calls' records it carries, earliest first."""
+    chain = [report]
+    while chain[-1].get("dense_training"):
+        chain.append(chain[-1]["dense_training"])
+    return chain[::-1]
 
 
 def plot(out: str, report: dict) -> None:
@@ -711,6 +722,12 @@ def main(argv=None) -> int:
     return 1 if report.get("error") else 0
 
 
+def _after_training(cfg: Config) -> float:
+    """Seconds to keep after the dense training: the dense evaluation and export, or the
+    distillation (start-up included), the students' evaluations, the report and a margin."""
+    return 45 if cfg.stop_after == "dense" else cfg.distill_time + 80
+
+
 def train_dense(cfg: Config, paths: dict, work: str, log: Log, report: dict, trainer: Trainer,
                 evaluator: Evaluator, dense_dir: str, deadline: Optional[float]) -> None:
     """Tokenizer and random LLM, projector pretraining, fine-tuning (steps 2-4)."""
@@ -750,10 +767,8 @@ def train_dense(cfg: Config, paths: dict, work: str, log: Log, report: dict, tra
     if deadline:
         pre_step = report["training"]["pretrain"].get("step_seconds") or 0.2
         # Fine-tuning steps are longer than projector-only steps (multi-turn answers, weight
-        # gradients): ~1.5 x. Reserve the dense evaluation and export, or the distillation
-        # (start-up included), the evaluations of the students, the report and a margin.
-        reserve = 45 if cfg.stop_after == "dense" else cfg.distill_time + 25 + 30 + 25
-        left = deadline - log.elapsed() - reserve - 20  # 20: start-up of the fine-tuning process
+        # gradients): ~1.5 x.
+        left = deadline - log.elapsed() - _after_training(cfg) - 20  # 20: start-up of the fine-tuning process
         ft_steps = steps_for(left, 1.5 * pre_step, cfg.finetune_steps, cfg.min_finetune_steps)
         log(f"time budget: {left:.0f}s for fine-tuning at ~{1.5 * pre_step:.3f}s/step -> {ft_steps} steps")
     ft = trainer.start("finetune", trainer.flags(model=base, version="v1", data=paths["train"], out=dense_dir,
@@ -780,7 +795,29 @@ def train_dense(cfg: Config, paths: dict, work: str, log: Log, report: dict, tra
             ft.kill()
             raise
     report["training"]["finetune"] = trainer.finish(
-        ft, kill_at=deadline - (45 if cfg.stop_after == "dense" else cfg.distill_time + 45) if deadline else None)
+        ft, kill_at=deadline - _after_training(cfg) if deadline else None)
+
+
+def continue_dense(cfg: Config, paths: dict, log: Log, report: dict, trainer: Trainer, dense_dir: str,
+                   deadline: Optional[float]) -> None:
+    """More fine-tuning of an imported dense model (the middle of a chain of calls): the same
+    data and flags, from its weights, with the schedule restarted over this call's steps."""
+    steps = cfg.finetune_steps
+    if deadline:
+        earlier = (report.get("dense_training") or {}).get("training") or {}
+        step = next((s.get("step_seconds") for s in earlier.values() if s.get("step_seconds")), None) or 0.3
+        left = deadline - log.elapsed() - _after_training(cfg) - 20
+        steps = steps_for(left, step, cfg.finetune_steps, cfg.min_finetune_steps)
+        log(f"time budget: {left:.0f}s for more fine-tuning at ~{step:.3f}s/step -> {steps} steps")
+    out = dense_dir + "-continued"
+    run = trainer.start("finetune-continued", trainer.flags(
+        model=dense_dir, version="v1", data=paths["train"], out=out, steps=steps, lr=cfg.finetune_lr,
+        workers=cfg.workers, save_steps=max(50, steps // 8) if deadline else 0)
+        + ["--sparse", "False", "--align_loss_weight", "0"])
+    report["training"]["finetune-continued"] = trainer.finish(
+        run, kill_at=deadline - _after_training(cfg) if deadline else None)
+    shutil.rmtree(dense_dir)
+    os.rename(out, dense_dir)
 
 
 EXPORT_PART_BYTES = 15 * 2 ** 20  # files come back from the device in pieces of < 16 MiB
@@ -825,7 +862,8 @@ def import_dense(folder: str, dense_dir: str, report: dict, log: Log) -> None:
         with open(earlier, encoding="utf-8") as handle:
             previous = json.load(handle)
         report["dense_training"] = {k: previous.get(k) for k in (
-            "command", "note", "config", "versions", "probe", "training", "commands", "timings", "chance")}
+            "command", "note", "config", "versions", "probe", "training", "commands", "timings", "chance",
+            "dense_training")}
         report["dense_training"]["dense_accuracy"] = previous.get("results", {}).get("dense", {}).get("accuracy")
     log(f"imported the dense model from {folder} ({len(parts)} parts)")
 
@@ -885,6 +923,8 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
         # A dense model trained and exported by an earlier call (same --work, so the tower
         # path in its config is this CLIP, rebuilt from the same seed).
         import_dense(cfg.dense_from, dense_dir, report, log)
+        if cfg.continue_finetune:
+            continue_dense(cfg, paths, log, report, trainer, dense_dir, deadline)
     else:
         train_dense(cfg, paths, work, log, report, trainer, evaluator, dense_dir, deadline)
     timings["build_and_dense_training"] = round(time.time() - t, 1)
