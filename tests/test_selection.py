@@ -168,3 +168,42 @@ def test_recycle_merges_candidates_into_cluster_means():
         # rows past this sample's cluster count carry nothing
         assert float(out[b, len(centres):].abs().sum()) == 0.0
     assert recycle(hidden, scores, pruned, n_cand, n_clu, 6, 0).shape == (B, 0, D)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_layer_scores_equal_eager_attention_with_and_without_grouped_kv_heads(kv_heads):
+    """`_scores` rotates keys and rater queries together when every head has its own keys,
+    separately under grouped-query attention: both equal eager attention's probabilities."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from sparsevlm_patch.sparse_forward import Active, _scores
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, max_position_embeddings=64)
+    config._attn_implementation = "eager"
+    layer = LlamaDecoderLayer(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for p in layer.self_attn.parameters():
+            p.mul_(8)  # sharper attention than the default init
+    B, N = 2, 12
+    hidden = torch.randn(B, N, 32)
+    pos = torch.arange(N)[None].expand(B, N)
+    visual = torch.zeros(B, N, dtype=torch.bool)
+    visual[:, 2:8] = True
+    rater_slot = torch.tensor([[8, 9, 11], [9, 10, 11]])
+    raters = torch.tensor([[True, True, False], [True, True, True]])
+    act = Active(hidden=hidden, orig=pos, pos=pos, valid=torch.ones(B, N, dtype=torch.bool), visual=visual,
+                 rater_slot=rater_slot, all_valid=True)
+    scores = _scores(layer, act, rater_weights(raters, 4), rope_len=N)
+
+    causal = torch.full((N, N), torch.finfo(torch.float32).min).triu(1)[None, None].expand(B, 1, N, N)
+    with torch.no_grad():
+        _, probs, _ = layer.self_attn(layer.input_layernorm(hidden), attention_mask=causal, position_ids=pos,
+                                      output_attentions=True)
+    for b in range(B):
+        rows = rater_slot[b][raters[b]]
+        want = probs[b][:, rows].mean(dim=(0, 1))
+        assert torch.allclose(scores[b][visual[b]], want[visual[b]], atol=1e-6, rtol=0)
+        assert torch.isinf(scores[b][~visual[b]]).all()
