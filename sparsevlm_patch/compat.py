@@ -22,8 +22,8 @@ SIGNATURES = {
 }
 
 
-class UnsupportedVersionError(RuntimeError):
-    pass
+class UnsupportedVersionError(ValueError):
+    """An upstream the hooks were not written for (a configuration error, like a bad flag)."""
 
 
 def check_versions() -> None:

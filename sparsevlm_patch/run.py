@@ -104,14 +104,14 @@ def _parse(argv: list) -> tuple:
 
 def _configure() -> bool:
     """Validate the SPARSEVLM* environment and install the hooks; True when enabled."""
-    from . import compat, config, hooks
+    from . import config, hooks
 
     try:
         enabled = config.env_enabled()
         config.config_from_env()  # checked with SPARSEVLM=0 too: nothing is silently ignored
         if enabled:
             hooks.apply()
-    except (ValueError, compat.UnsupportedVersionError) as error:
+    except ValueError as error:  # bad environment or unsupported upstream versions
         print(f"sparsevlm_patch.run: error: {error}", file=sys.stderr)
         sys.exit(2)
     return enabled
