@@ -864,6 +864,16 @@ def section_decode_cold(ctx: Ctx):
     ctx.results["decode_cold"] = res
 
 
+def dense_sparse_ideal_r64(model, p: Prepared) -> dict:
+    """{name: (mode, run)} for dense, retain 64 with recycling, and its ideal stack."""
+    set_mode(model, (64, True), p)
+    lm_forward(model, p)
+    counts = tuple(sparsevlm_patch.last_stats(model)["tokens_per_layer"][0])
+    return {"dense": ("dense", lambda: lm_forward(model, p)),
+            "r64_rec": ((64, True), lambda: lm_forward(model, p)),
+            "ideal_r64_rec": ("dense", lambda: ideal_forward(model, p, counts))}
+
+
 @contextlib.contextmanager
 def host_inputs_kept(store: list):
     """Keep the pinned host tensors a captured forward copies from alive with its graph: a
@@ -894,12 +904,7 @@ def section_cuda_graphs(ctx: Ctx):
     res = {}
     for b in ctx.batches[:2]:
         p = ctx.prepared[b]
-        set_mode(model, (64, True), p)
-        lm_forward(model, p)
-        counts = tuple(sparsevlm_patch.last_stats(model)["tokens_per_layer"][0])
-        runs = {"dense": ("dense", lambda: lm_forward(model, p)),
-                "r64_rec": ((64, True), lambda: lm_forward(model, p)),
-                "ideal_r64_rec": ("dense", lambda: ideal_forward(model, p, counts))}
+        runs = dense_sparse_ideal_r64(model, p)
         graphs, eager_out, row, host_inputs = {}, {}, {}, {n: [] for n in runs}
         for name, (mode, run) in runs.items():
             set_mode(model, mode, p)
@@ -948,15 +953,9 @@ def section_gpu_busy(ctx: Ctx):
     model = ctx.model
     b = ctx.batches[1]
     p = ctx.prepared[b]
-    set_mode(model, (64, True), p)
-    lm_forward(model, p)
-    counts = tuple(sparsevlm_patch.last_stats(model)["tokens_per_layer"][0])
     busy = {}
-    for name, setup, run in [
-            ("dense", lambda: set_mode(model, "dense"), lambda: lm_forward(model, p)),
-            ("r64_rec", lambda: set_mode(model, (64, True), p), lambda: lm_forward(model, p)),
-            ("ideal_r64_rec", lambda: set_mode(model, "dense"), lambda: ideal_forward(model, p, counts))]:
-        prof = profile_runs(ctx, setup, run, iters=5)
+    for name, (mode, run) in dense_sparse_ideal_r64(model, p).items():
+        prof = profile_runs(ctx, lambda mode=mode: set_mode(model, mode, p), run, iters=5)
         busy[name] = {k: prof[k] for k in ("gpu_busy_ms", "wall_ms_under_profiler", "device_events_per_iter")}
     ctx.log(f"GPU-busy b{b}: {busy}")
     ctx.results["gpu_busy"] = {f"b{b}": busy}
@@ -1131,6 +1130,11 @@ def section_13b(ctx: Ctx):
 
 # ----------------------------------------------------------------------------- report
 
+def _prefill_row(blk: dict, name: str, row: dict) -> str:
+    return (f"| {blk['batch']} | {name} | {blk['dense_ms']:.2f} | {row['sparse_ms']:.2f} | {row['speedup']:.2f}x | "
+            f"{row['ideal_speedup']:.2f}x | {row['of_ideal']:.2f} | {row['analytic_flops_ratio']:.2f}x |")
+
+
 def table(ctx: Ctx) -> str:
     r = ctx.results
     lines = []
@@ -1141,9 +1145,7 @@ def table(ctx: Ctx) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for key, blk in pre.items():
             for name, row in blk["rows"].items():
-                lines.append(f"| {blk['batch']} | {name} | {blk['dense_ms']:.2f} | {row['sparse_ms']:.2f} | "
-                             f"{row['speedup']:.2f}x | {row['ideal_speedup']:.2f}x | {row['of_ideal']:.2f} | "
-                             f"{row['analytic_flops_ratio']:.2f}x |")
+                lines.append(_prefill_row(blk, name, row))
             if "gpu_busy" in blk and blk["gpu_busy"]["dense"]["gpu_busy_ms"]:
                 g = blk["gpu_busy"]
                 lines.append(f"| {blk['batch']} | r64_rec GPU-busy (profiler) | {g['dense']['gpu_busy_ms']:.2f} | "
@@ -1158,9 +1160,7 @@ def table(ctx: Ctx) -> str:
             if not isinstance(blk, dict) or "rows" not in blk:
                 continue
             for name, row in blk["rows"].items():
-                lines.append(f"| {blk['batch']} | {name} | {blk['dense_ms']:.2f} | {row['sparse_ms']:.2f} | "
-                             f"{row['speedup']:.2f}x | {row['ideal_speedup']:.2f}x | {row['of_ideal']:.2f} | "
-                             f"{row['analytic_flops_ratio']:.2f}x |")
+                lines.append(_prefill_row(blk, name, row))
     ov = r.get("overheads")
     if ov:
         lines += ["", "### Overheads",

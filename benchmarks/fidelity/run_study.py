@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -439,7 +439,6 @@ class Evaluator:
         return tokenizer, model, tower.image_processor
 
     def _prepare(self, tokenizer, model, processor):
-        import torch
         from PIL import Image
 
         from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
