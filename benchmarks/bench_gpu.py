@@ -63,6 +63,7 @@ import torch  # noqa: E402
 
 import sparsevlm_patch  # noqa: E402  (installs the hooks before llava is imported)
 import sparsevlm_patch.sparse_forward as sf  # noqa: E402
+import sparsevlm_patch.hooks as hooks  # noqa: E402
 from sparsevlm_patch.config import PRESET_SCHEDULES  # noqa: E402
 from sparsevlm_patch.state import state_for  # noqa: E402
 
@@ -649,20 +650,21 @@ class RegionTimer:
             fn = getattr(sf, name)
             self.saved[name] = fn
             setattr(sf, name, self._wrap(name, fn))
-        plan = sf.make_plan
-        self.saved["make_plan"] = plan
+        plan = hooks.make_plan  # the plan is made by the LlamaModel.forward hook
+        self.saved_plan = plan
 
         def host_plan(*a, **k):
             t = time.perf_counter()
             out = plan(*a, **k)
             self.host["make_plan"] += (time.perf_counter() - t) * 1e3
             return out
-        sf.make_plan = host_plan
+        hooks.make_plan = host_plan
         return self
 
     def __exit__(self, *exc):
         for name, fn in self.saved.items():
             setattr(sf, name, fn)
+        hooks.make_plan = self.saved_plan
 
     def _wrap(self, name, fn):
         cuda = self.ctx.cuda
