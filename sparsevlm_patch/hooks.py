@@ -222,12 +222,13 @@ def _patch_builder(module) -> None:
 
 
 def _patch_trainer(module) -> None:
-    from . import distill
+    from . import distill, train
 
     owner = module.LLaVATrainer
     if not _installed or _is_patched(owner, "compute_loss"):
         return
     _wrap(owner, "__init__", distill.check_depth_at_init)
+    _wrap(owner, "create_optimizer", train.drop_empty_param_groups)
     _wrap(owner, "compute_loss", distill.compute_loss)
     _wrap(owner, "log", distill.log)
 
@@ -244,12 +245,22 @@ def _patch_train_module(module) -> None:
     train.allow_numpy_rng_state()
 
 
+def _patch_hf_deepspeed(module) -> None:
+    from . import train
+
+    owner = module.HfTrainerDeepSpeedConfig
+    if not _installed or _is_patched(owner, "trainer_config_finalize"):
+        return
+    _wrap(owner, "trainer_config_finalize", train.integer_bucket_sizes)
+
+
 _HOOKS = {
     "transformers.models.llama.modeling_llama": _patch_transformers,
     "llava.model.llava_arch": _patch_llava,
     "llava.model.builder": _patch_builder,
     "llava.train.llava_trainer": _patch_trainer,
     "llava.train.train": _patch_train_module,
+    "transformers.integrations.deepspeed": _patch_hf_deepspeed,
 }
 
 

@@ -80,6 +80,28 @@ def allow_numpy_rng_state() -> None:
     torch.serialization.add_safe_globals(allowed)
 
 
+def drop_empty_param_groups(wrapped, trainer, args, kwargs):
+    """LLaVATrainer.create_optimizer: with `--mm_projector_lr` upstream makes four parameter
+    groups, some empty under LoRA. DeepSpeed drops empty groups after the Trainer has built
+    the LR scheduler on all four, so the scheduler's rates would land on the wrong groups
+    (recent torch refuses the mismatch outright). Dropping them here, first, keeps both aligned."""
+    optimizer = wrapped(*args, **kwargs)
+    optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+    return optimizer
+
+
+def integer_bucket_sizes(wrapped, instance, args, kwargs):
+    """HfTrainerDeepSpeedConfig.trainer_config_finalize: transformers 4.37 fills ZeRO-3's "auto"
+    stage3_prefetch_bucket_size (as in upstream LLaVA's scripts/zero3.json) with 0.9 x hidden^2,
+    a float that DeepSpeed >= 0.15 refuses; the sizes are byte counts, so round them."""
+    result = wrapped(*args, **kwargs)
+    zero = instance.config.get("zero_optimization", {})
+    for key in ("stage3_prefetch_bucket_size", "reduce_bucket_size", "stage3_param_persistence_threshold"):
+        if isinstance(zero.get(key), float):
+            zero[key] = int(zero[key])
+    return result
+
+
 def main() -> None:
     import sparsevlm_patch
 

@@ -49,3 +49,23 @@ def test_zero2_and_zero3_distillation_under_torchrun(setup, tmp_path):
     zero3, teacher3 = torchrun(setup, tmp_path, 3, 29534, ["--retain_tokens", "64"])
     assert [kept for _, _, kept, _ in zero3] == [17, 17]
     assert len(teacher2) == 1 and teacher2 == teacher3 and teacher3.pop() > 0  # whole, not partitioned
+
+
+def test_upstream_zero3_auto_prefetch_bucket_becomes_an_integer(tmp_path):
+    """transformers 4.37 fills upstream's "auto" ZeRO-3 prefetch bucket with 0.9 x hidden^2, a
+    float that DeepSpeed's config refuses; the plugin rounds it."""
+    import types
+
+    import sparsevlm_patch  # noqa: F401
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    config = HfTrainerDeepSpeedConfig({**ZERO, "zero_optimization": {
+        "stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto"}})
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    config.trainer_config_process(args)
+    config.trainer_config_finalize(args, types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=64)), 10)
+    zero = config.config["zero_optimization"]
+    assert zero["stage3_prefetch_bucket_size"] == 3686 and isinstance(zero["stage3_prefetch_bucket_size"], int)
+    assert zero["reduce_bucket_size"] == 4096 and zero["stage3_param_persistence_threshold"] == 640

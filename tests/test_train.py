@@ -197,7 +197,9 @@ def test_total_loss_falls_when_overfitting(setup, tmp_path, monkeypatch):
 @pytest.mark.parametrize("mode, flags, trainable", [
     ("freeze backbone", ["--freeze_backbone", "True"], ("lm_head", "mm_projector")),
     ("projector only", ["--tune_mm_mlp_adapter", "True"], ("mm_projector",)),
-    ("LoRA", ["--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16"], ("lora_", "mm_projector")),
+    # upstream's LoRA recipe: --mm_projector_lr gives the projector its own (otherwise empty-paired) groups
+    ("LoRA", ["--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16", "--mm_projector_lr", "2e-5"],
+     ("lora_", "mm_projector")),
 ])
 def test_training_modes(setup, tmp_path, monkeypatch, capsys, mode, flags, trainable):
     out = tmp_path / "run"
@@ -213,6 +215,14 @@ def test_training_modes(setup, tmp_path, monkeypatch, capsys, mode, flags, train
         assert os.path.exists(out / "mm_projector.bin")
         _generate_without_plugin(str(out), model_base=setup["model"])
     if mode == "LoRA":
+        groups = trainer.optimizer.param_groups
+        assert all(group["params"] for group in groups)  # DeepSpeed would drop empty ones under the scheduler
+        assert len(trainer.lr_scheduler.base_lrs) == len(groups)
+        projector = {id(p) for n, p in trainer.model.named_parameters() if "mm_projector" in n}
+        for group in groups:
+            in_projector = {id(p) in projector for p in group["params"]}
+            assert len(in_projector) == 1
+            assert group["initial_lr"] == (2e-5 if in_projector.pop() else 1e-3)
         assert os.path.exists(out / "non_lora_trainables.bin")
         _generate_without_plugin(str(out), model_base=setup["model"], name="tiny-llava-lora")
 
