@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,7 +109,7 @@ def upstream_flags(args, model_dir, clip_dir, data, out, accumulation) -> list[s
         "--lora_enable", "True", "--lora_r", str(args.lora_r), "--lora_alpha", str(2 * args.lora_r),
         "--lora_dropout", "0",  # dropout masks would differ between 1 and 2 processes
         "--mm_projector_lr", "2e-5", "--learning_rate", "2e-4", "--weight_decay", "0.",
-        "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine",
+        "--warmup_steps", "6", "--lr_scheduler_type", "cosine",  # upstream's warmup_ratio 0.03 of 200 steps
         "--output_dir", out, "--max_steps", str(args.steps),
         "--per_device_train_batch_size", str(args.batch), "--gradient_accumulation_steps", str(accumulation),
         "--model_max_length", "2048", "--lazy_preprocess", "True", "--logging_steps", "1",
@@ -128,14 +129,16 @@ def free_port() -> int:
 
 # ----------------------------------------------------------------------------- one run
 
-def launch(args, name, model_dir, clip_dir, data, work) -> dict:
+def launch(args, name, model_dir, clip_dir, data, work, gpu_index=None) -> dict:
+    """One run under DeepSpeed's launcher; on GPU `gpu_index` alone if given."""
     stage, gpus = RUNS[name]
     out = os.path.join(work, name)
     config = os.path.join(work, f"zero{stage}.json")
     with open(config, "w") as handle:
         json.dump({**ZERO_COMMON, "zero_optimization": ZERO_STAGE[stage]}, handle)
     accumulation = 2 // gpus  # the same global batch for N = 1 and N = 2
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus), "--master_port",
+    where = ["--num_gpus", str(gpus)] if gpu_index is None else ["--include", f"localhost:{gpu_index}"]
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port",
                str(free_port()), os.environ.get("BENCH_ZERO_SCRIPT", os.path.join(ROOT, "benchmarks", "zero_train.py")),
                *upstream_flags(args, model_dir, clip_dir, data, out, accumulation), "--deepspeed", config]
     env = dict(os.environ, OMP_NUM_THREADS="4", TOKENIZERS_PARALLELISM="false")
@@ -163,7 +166,7 @@ def read_run(args, name, out, stage, gpus, accumulation, wall) -> dict:
     timed = ends[-1] - ends[warm]
     return {
         "zero_stage": stage, "gpus": gpus, "per_gpu_batch": args.batch, "accumulation": accumulation,
-        "global_batch": global_batch, "steps": len(ends), "timed_steps": len(step_s), "wall_s": wall,
+        "global_batch": global_batch, "max_steps": args.steps, "steps": len(ends), "timed_steps": len(step_s), "wall_s": wall,
         "samples_per_s": global_batch * len(step_s) / timed,
         "step_s_median": statistics.median(step_s),
         "peak_allocated_gib": [r["peak_allocated_gib"] for r in ranks],
@@ -182,7 +185,7 @@ def checks(args, runs: dict) -> dict:
         sizes = set(run["teacher_parameters"])
         found[f"{name}: teacher whole and equal on every rank"] = (
             len(sizes) == 1 and None not in sizes and sizes == set(done[next(iter(done))]["teacher_parameters"]))
-        found[f"{name}: {run['steps']} steps, all losses finite"] = run["steps"] == args.steps and all(
+        found[f"{name}: {run['steps']} steps, all losses finite"] = run["steps"] == run["max_steps"] and all(
             v == v and abs(v) != float("inf") for e in run["logged"] for v in e.values())
     reference = next((n for n in ("z2n1", "z3n1") if n in done), None)
     for name, run in done.items():
@@ -226,6 +229,15 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def outcome(fn, *args) -> dict:
+    """A run's result, or its error: one failed run must not lose the others."""
+    try:
+        return fn(*args)
+    except Exception as error:  # noqa: BLE001
+        traceback.print_exc()
+        return {"error": f"{type(error).__name__}: {error}"[:300]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench_zero"))
@@ -241,6 +253,9 @@ def main():
     parser.add_argument("--loss_rtol", type=float, default=2e-2)
     parser.add_argument("--run_timeout", type=int, default=420)
     parser.add_argument("--budget_s", type=float, default=560, help="start no run past this many seconds")
+    parser.add_argument("--parallel_single", action="store_true",
+                        help="run the 1-GPU runs at the same time, each on its own GPU")
+    parser.add_argument("--previous", help="zero.json of an earlier call: its runs join the report")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, gloo")
     args = parser.parse_args()
     unknown = [n for n in args.runs.split(",") if n not in RUNS]
@@ -264,18 +279,32 @@ def main():
     data = make_dataset(os.path.join(work, "data"), args.samples, seed=3, multi_turn=True)
     report["build_s"] = time.time() - started
     log(f"built in {report['build_s']:.0f} s")
-    for name in args.runs.split(","):
+    if args.previous:
+        previous = json.load(open(args.previous))
+        for name, run in previous["runs"].items():
+            if "samples_per_s" in run:
+                report["runs"][name] = {"max_steps": previous["args"]["steps"], **run,
+                                        "from": f"{previous['label']} {previous['date']}"}
+    names = args.runs.split(",")
+    singles = [n for n in names if RUNS[n][1] == 1] if args.parallel_single and not args.tiny else []
+    if len(singles) > available:
+        singles = []
+    if len(singles) > 1:
+        with ThreadPoolExecutor(len(singles)) as pool:
+            futures = {n: pool.submit(launch, args, n, model_dir, clip_dir, data, work, i)
+                       for i, n in enumerate(singles)}
+            for name, future in futures.items():
+                report["runs"][name] = outcome(future.result)
+                report["runs"][name]["concurrent_with"] = [n for n in singles if n != name]
+                log(name, json.dumps({k: v for k, v in report["runs"][name].items() if k != "logged"}))
+    for name in [n for n in names if n not in singles or len(singles) < 2]:
         gpus = RUNS[name][1]
         if gpus > available:
             report["runs"][name] = {"not_run": f"needs {gpus} GPUs, {available} here"}
         elif time.time() - started > args.budget_s:
             report["runs"][name] = {"not_run": f"time budget ({args.budget_s:.0f} s) spent"}
         else:
-            try:
-                report["runs"][name] = launch(args, name, model_dir, clip_dir, data, work)
-            except Exception as error:  # noqa: BLE001  (one failed run must not lose the others)
-                traceback.print_exc()
-                report["runs"][name] = {"error": f"{type(error).__name__}: {error}"}
+            report["runs"][name] = outcome(launch, args, name, model_dir, clip_dir, data, work)
         log(name, json.dumps({k: v for k, v in report["runs"][name].items() if k != "logged"}))
         with open(os.path.join(args.out, "zero.json"), "w") as handle:
             json.dump(report, handle, indent=1)
