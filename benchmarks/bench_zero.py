@@ -305,8 +305,8 @@ def main():
         previous = json.load(open(args.previous))
         for name, run in previous["runs"].items():
             if "samples_per_s" in run:
-                report["runs"][name] = {"max_steps": previous["args"]["steps"], **run,
-                                        "from": f"{previous['label']} {previous['date']}"}
+                report["runs"][name] = {"max_steps": previous["args"]["steps"],
+                                        "from": f"{previous['label']} {previous['date']}", **run}
     names = args.runs.split(",")
     singles = [n for n in names if RUNS[n][1] == 1] if args.parallel_single and not args.tiny else []
     if len(singles) > available:

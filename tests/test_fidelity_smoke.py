@@ -118,10 +118,11 @@ def test_study_smoke_end_to_end(tmp_path):
     assert "error" not in report
     results = report["results"]
     assert set(results) == {"dense", "sparsevlm", "random", "fastv_last_token", "visual_only",
-                            "sparsevlm_distilled"}
-    assert 0.0 <= results["dense"]["accuracy"] <= 1.0 and results["dense"]["flops_vs_dense"] == 1.0
+                            "sparsevlm_distilled", "dense_control"}
+    for single in ("dense", "dense_control"):
+        assert 0.0 <= results[single]["accuracy"] <= 1.0 and results[single]["flops_vs_dense"] == 1.0
     for method, per_budget in results.items():
-        if method == "dense":
+        if method in ("dense", "dense_control"):
             continue
         assert set(per_budget) == {"192", "128", "96", "64"}, method
         for budget, entry in per_budget.items():
@@ -129,18 +130,23 @@ def test_study_smoke_end_to_end(tmp_path):
             assert 0.0 < entry["flops_vs_dense"] < 1.0, (method, budget)
     # Same per-layer budgets for every selection rule at a given retain value.
     for budget in ("192", "64"):
-        kept = {m: results[m][budget]["kept_visual_per_layer"] for m in results if m != "dense"}
+        kept = {m: results[m][budget]["kept_visual_per_layer"] for m in results if not m.startswith("dense")}
         assert len({tuple(v) for v in kept.values()}) == 1, kept
     training = report["training"]
-    for stage in ("pretrain", "finetune", "distill-192", "distill-128", "distill-96", "distill-64"):
+    for stage in ("pretrain", "finetune", "distill-192", "distill-128", "distill-96", "distill-64", "distill-control"):
         assert stage in training and math.isfinite(training[stage]["loss_last"]), stage
         assert stage in report["commands"]
     assert "--tune_mm_mlp_adapter True" in report["commands"]["pretrain"]
     assert "--sparse False --align_loss_weight 0" in report["commands"]["finetune"]
     assert "--retain_tokens 64" in report["commands"]["distill-64"]
     assert training["distill-64"]["align_loss_last"] > 0
+    # the control: the same extra steps, dense, without a teacher
+    assert "--sparse False" in report["commands"]["distill-control"]
+    assert "--retain_tokens" not in report["commands"]["distill-control"]
+    assert "align_loss_last" not in training["distill-control"]
+    assert report["summary"]["dense_control_accuracy"] == results["dense_control"]["accuracy"]
     md = (out / "results.md").read_text()
-    assert "retain 64" in md and "prefill FLOPs" in md
+    assert "retain 64" in md and "prefill FLOPs" in md and "(control)" in md
 
 
 def test_study_split_over_calls(tmp_path):

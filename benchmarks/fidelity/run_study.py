@@ -23,6 +23,8 @@ Pipeline (every training stage is upstream's `llava.train.train`, launched as
  6. sparse distillation: the plugin's training path, student and teacher = the dense
     fine-tuned model, `--retain_tokens N --align_loss_weight W`, one run per budget
     (runs in parallel on one GPU), then SparseVLM evaluation of each student at its budget;
+    and a control (`dense_control`): the same steps on the same data, dense, without a teacher,
+    evaluated dense: what the extra training alone gives;
  7. report: results.json, results.md (accuracy per method and budget, analytic prefill
     FLOPs from `sparsevlm_patch.last_stats`), accuracy_vs_tokens.png, the training logs.
 
@@ -64,6 +66,7 @@ METHOD_LABELS = {
     "fastv_last_token": "FastV-style: last prompt token rates",
     "visual_only": "text-blind: last visual token rates",
     "sparsevlm_distilled": "SparseVLM + sparse distillation",
+    "dense_control": "dense, fine-tuned for the distillation's steps (control)",
 }
 
 
@@ -101,6 +104,9 @@ class Config:
     workers: int = 12
     distill_workers: int = 2
     parallel: int = 4  # distillation runs at a time
+    # Also fine-tune the dense model on the distillation data for the same steps, dense and without
+    # a teacher (upstream's own training): what the extra steps give without pruning or distillation.
+    dense_control: bool = True
     precision: str = "tf32"  # fp32 | tf32 | bf16
     logging_steps: int = 10
     # evaluation
@@ -543,13 +549,16 @@ def write_report(out: str, report: dict) -> None:
         report.setdefault("warnings", []).append(f"plot failed: {error!r}")
 
 
+SINGLE_ENTRIES = ("dense", "dense_control")  # results with no budget
+
+
 def _walk_results(report: dict):
     results = report.get("results", {})
-    if "dense" in results:
-        yield results["dense"]
-    for method, per_budget in results.items():
-        if method != "dense":
-            yield from per_budget.values()
+    for method, entry in results.items():
+        if method in SINGLE_ENTRIES:
+            yield entry
+        else:
+            yield from entry.values()
 
 
 def _fmt(entry: Optional[dict]) -> str:
@@ -575,8 +584,9 @@ def markdown(report: dict) -> str:
             lines.append("")
     header = "| method | " + " | ".join(f"retain {b}" for b in budgets) + " |"
     lines += [header, "|---|" + "---|" * len(budgets)]
-    if dense:
-        lines.append(f"| {METHOD_LABELS['dense']} | " + " | ".join(_fmt(dense) for _ in budgets) + " |")
+    for single in SINGLE_ENTRIES:
+        if single in results:
+            lines.append(f"| {METHOD_LABELS[single]} | " + " | ".join(_fmt(results[single]) for _ in budgets) + " |")
     for method in METHODS + ("sparsevlm_distilled",):
         if method in results:
             lines.append(f"| {METHOD_LABELS[method]} | "
@@ -599,7 +609,10 @@ def markdown(report: dict) -> str:
         lines.append("")
         lines.append("| method | " + " | ".join(task.QUESTION_TYPES) + " |")
         lines.append("|---|" + "---|" * len(task.QUESTION_TYPES))
-        lines.append("| dense | " + " | ".join(f"{100 * dense['per_type'][t]:.1f}" for t in task.QUESTION_TYPES) + " |")
+        for single in SINGLE_ENTRIES:
+            if single in results:
+                lines.append(f"| {single.replace('_', ' ')} | "
+                             + " | ".join(f"{100 * results[single]['per_type'][t]:.1f}" for t in task.QUESTION_TYPES) + " |")
         for method in METHODS + ("sparsevlm_distilled",):
             entry = results.get(method, {}).get(lowest)
             if entry:
@@ -661,6 +674,9 @@ def plot(out: str, report: dict) -> None:
             ax.plot(xs, [100 * per[str(b)]["accuracy"] for b in xs], style, label=METHOD_LABELS[method])
     if "dense" in results:
         ax.axhline(100 * results["dense"]["accuracy"], color="black", lw=1, label=METHOD_LABELS["dense"])
+    if "dense_control" in results:
+        ax.axhline(100 * results["dense_control"]["accuracy"], color="black", lw=1, ls="--",
+                   label=METHOD_LABELS["dense_control"])
     ax.axhline(100 * report.get("chance", 0.375), color="gray", lw=0.8, ls=":", label="answer-prior chance")
     ax.set_xlabel("retained visual tokens (budget; 576 = all)")
     ax.set_ylabel("held-out exact-match accuracy (%)")
@@ -929,6 +945,7 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
     timings["build_and_dense_training"] = round(time.time() - t, 1)
 
     # 5 + 6. distillation runs (background) while the training-free evaluations run
+    jobs: List = list(BUDGETS) + (["control"] if cfg.dense_control else [])
     ds_steps = cfg.distill_steps
     if deadline:
         earlier = (report.get("dense_training") or {}).get("training") or {}
@@ -936,22 +953,23 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
         ft_step = finetune.get("step_seconds") or 0.2
         # Teacher pass, runs sharing the GPU and the CPU (data loading): assume 2.5 x slower.
         step = max(0.15, 2.5 * ft_step)
-        waves = math.ceil(len(BUDGETS) / max(1, cfg.parallel))
+        waves = math.ceil(len(jobs) / max(1, cfg.parallel))
         left = min(cfg.distill_time, deadline - log.elapsed() - 30 - 25) / waves - 25  # 25: start-up
         ds_steps = steps_for(left, step, cfg.distill_steps, 20)
         log(f"distillation: ~{step:.3f}s/step, {left:.0f}s -> {ds_steps} steps per budget")
-    queue = list(BUDGETS)
-    running: Dict[int, Run] = {}
+    queue = list(jobs)
+    running: Dict = {}
 
     def launch_next():
         while queue and len(running) < cfg.parallel:
-            budget = queue.pop(0)
-            running[budget] = trainer.start(f"distill-{budget}", trainer.flags(
-                model=dense_dir, version="v1", data=paths["distill"], out=os.path.join(work, f"llava-distill-{budget}"),
+            job = queue.pop(0)
+            student = (["--sparse", "False"] if job == "control" else
+                       ["--retain_tokens", str(job), "--teacher_model_name_or_path", dense_dir,
+                        "--align_loss_weight", f"{cfg.align_loss_weight:g}"])
+            running[job] = trainer.start(f"distill-{job}", trainer.flags(
+                model=dense_dir, version="v1", data=paths["distill"], out=os.path.join(work, f"llava-distill-{job}"),
                 steps=ds_steps, lr=cfg.distill_lr, workers=cfg.distill_workers,
-                save_steps=max(10, ds_steps // 4) if deadline else 0)
-                + ["--retain_tokens", str(budget), "--teacher_model_name_or_path", dense_dir,
-                   "--align_loss_weight", f"{cfg.align_loss_weight:g}"])
+                save_steps=max(10, ds_steps // 4) if deadline else 0) + student)
 
     if cfg.stop_after != "dense":
         launch_next()
@@ -991,14 +1009,16 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
                 report["training"][f"distill-{b}"] = {"error": str(error)[-3000:]}
                 log(f"distill-{b} failed: {error}")
         launch_next()
-    for budget in BUDGETS:
-        if "error" in report["training"].get(f"distill-{budget}", {}):
+    for job in jobs:
+        if "error" in report["training"].get(f"distill-{job}", {}):
             continue
-        loaded = evaluator.load(os.path.join(work, f"llava-distill-{budget}"))
-        entry = evaluator.evaluate(loaded, "sparsevlm", budget)
+        loaded = evaluator.load(os.path.join(work, f"llava-distill-{job}"))
+        if job == "control":
+            entry = results["dense_control"] = evaluator.evaluate(loaded, "dense", None)
+        else:
+            entry = results["sparsevlm_distilled"][str(job)] = evaluator.evaluate(loaded, "sparsevlm", job)
         entry["agreement_with_dense"] = agreement(entry, results["dense"])
-        results["sparsevlm_distilled"][str(budget)] = entry
-        log(f"distilled @ {budget}: {entry['accuracy']:.4f} {entry['per_type']}")
+        log(f"distill-{job}: {entry['accuracy']:.4f} {entry['per_type']}")
         del loaded
     dense_acc = results["dense"]["accuracy"]
     report["summary"] = {
@@ -1006,6 +1026,10 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
         "dense_reaches_90": dense_acc >= 0.9,
         "distilled_over_dense": {b: results["sparsevlm_distilled"][str(b)]["accuracy"] / max(dense_acc, 1e-9)
                                  for b in BUDGETS if str(b) in results["sparsevlm_distilled"]},
+        "dense_control_accuracy": results.get("dense_control", {}).get("accuracy"),
+        "distilled_over_dense_control": {
+            b: results["sparsevlm_distilled"][str(b)]["accuracy"] / max(results["dense_control"]["accuracy"], 1e-9)
+            for b in BUDGETS if str(b) in results["sparsevlm_distilled"] and "dense_control" in results},
         "sparsevlm_minus_random_at_64": results["sparsevlm"]["64"]["accuracy"] - results["random"]["64"]["accuracy"],
         "sparsevlm_minus_fastv_at_64": (results["sparsevlm"]["64"]["accuracy"]
                                         - results["fastv_last_token"]["64"]["accuracy"]),
