@@ -40,6 +40,8 @@ import sys
 import tempfile
 import time
 import traceback
+import signal
+from importlib import metadata
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -61,6 +63,7 @@ ZERO_STAGE = {
         "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True},
 }
 LOSS_KEYS = ("loss", "lm_loss", "align_loss")
+PACKAGES = ("torch", "transformers", "deepspeed", "peft", "accelerate", "llava-torch")
 
 
 def log(*msg):
@@ -147,20 +150,35 @@ def launch(args, name, model_dir, clip_dir, data, work, gpu_index=None) -> dict:
     log(f"{name}: ZeRO-{stage}, {gpus} GPU(s), accumulation {accumulation}:", " ".join(command))
     started = time.time()
     with open(os.path.join(args.out, f"log_{name}.txt"), "w") as handle:
-        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                              timeout=args.run_timeout)
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=args.run_timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
+            proc.wait()
+            code = None
     wall = time.time() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"{name} exited with {done.returncode}; see log_{name}.txt")
-    return read_run(args, name, out, stage, gpus, accumulation, wall)
+    if code not in (0, None):
+        raise RuntimeError(f"{name}: exited with {code} (see log_{name}.txt)")
+    try:  # a run stopped at the time limit may have finished training (upstream's final save is slow)
+        result = read_run(args, out, stage, gpus, accumulation, wall)
+    except (OSError, ValueError, KeyError) as error:
+        reason = f"timed out after {args.run_timeout} s" if code is None else "wrote no timings"
+        raise RuntimeError(f"{name}: {reason} (see log_{name}.txt): {error}") from None
+    if code is None:
+        result["note"] = f"stopped at the {args.run_timeout} s limit after its last step"
+    return result
 
 
-def read_run(args, name, out, stage, gpus, accumulation, wall) -> dict:
-    history = json.load(open(os.path.join(out, "trainer_state.json")))["log_history"]
-    steps = [{k: e[k] for k in LOSS_KEYS + ("kept_visual_l15",) if k in e} for e in history if "loss" in e]
+def read_run(args, out, stage, gpus, accumulation, wall) -> dict:
     ranks = [json.load(open(os.path.join(out, f"timing_rank{r}.json"))) for r in range(gpus)]
+    history = ranks[0]["log_history"]
+    steps = [{k: e[k] for k in LOSS_KEYS + ("kept_visual_l15",) if k in e} for e in history if "loss" in e]
     ends = ranks[0]["step_end_s"]
-    warm = min(args.warmup, len(ends) - 2)
+    warm = args.warmup
+    if len(ends) < warm + 2:
+        raise ValueError(f"{len(ends)} steps: too few to time after {warm} warm-up steps")
     global_batch = args.batch * gpus * accumulation
     step_s = [b - a for a, b in zip(ends[warm:], ends[warm + 1:])]
     timed = ends[-1] - ends[warm]
@@ -180,26 +198,35 @@ def read_run(args, name, out, stage, gpus, accumulation, wall) -> dict:
 
 def max_rel_diff(run: dict, reference: dict, key: str, steps: int) -> float:
     pairs = list(zip(run["logged"][:steps], reference["logged"][:steps]))
-    return max(abs(a[key] - b[key]) / max(abs(b[key]), 1e-8) for a, b in pairs)
+    return max((abs(a[key] - b[key]) / max(abs(b[key]), 1e-8) for a, b in pairs), default=float("nan"))
 
 
 def checks(args, runs: dict) -> dict:
-    """Each run: the teacher is whole and the same on every rank, every step ran with finite
-    losses. Each N = 2 run: its first steps' losses equal the 1-GPU run of its ZeRO stage (same
-    seed, data, global batch). ZeRO-3 against ZeRO-2 is reported beside them, not checked."""
+    """Each run: it ran, its teacher has the same (non-zero) size on every rank, every step ran
+    with finite losses; the teacher has one size across runs (a partitioned one would not). Each
+    N = 2 run: its first steps' losses equal the 1-GPU run of its ZeRO stage (same seed, data,
+    global batch). ZeRO-3 against ZeRO-2 is reported beside them, not checked."""
     found = {}
     done = {n: r for n, r in runs.items() if "logged" in r}
-    whole = {size for r in done.values() for size in r["teacher_parameters"]}
+    for name, run in runs.items():
+        if "error" in run:
+            found[f"{name}: ran ({run['error'][:120]})"] = False
     for name, run in done.items():
-        if whole != {None}:  # runs with a teacher
-            found[f"{name}: teacher whole and equal on every rank"] = len(whole) == 1 and None not in whole
-        found[f"{name}: {run['steps']} steps, all losses finite"] = run["steps"] == run["max_steps"] and all(
-            v == v and abs(v) != float("inf") for e in run["logged"] for v in e.values())
+        sizes = set(run["teacher_parameters"])
+        if sizes != {None}:  # a run with a teacher
+            found[f"{name}: teacher of {min(sizes, key=str):,} parameters on every rank"] = (
+                len(sizes) == 1 and None not in sizes and min(sizes) > 0)
+        found[f"{name}: {run['steps']} steps, all losses finite"] = (
+            run["steps"] == run["max_steps"] and len(run["logged"]) == run["steps"] and all(
+                v == v and abs(v) != float("inf") for e in run["logged"] for v in e.values()))
+    teachers = {size for r in done.values() for size in r["teacher_parameters"]} - {None}
+    if len(done) > 1 and teachers:
+        found["one teacher size in every run (none partitioned)"] = len(teachers) == 1
     for name, run in done.items():
         reference = f"z{run['zero_stage']}n1"
         if run["gpus"] == 1 or reference not in done:
             continue
-        for key in [k for k in LOSS_KEYS if k in run["logged"][0]]:
+        for key in [k for k in LOSS_KEYS if run["logged"] and k in run["logged"][0]]:
             rel = max_rel_diff(run, done[reference], key, args.compare_steps)
             run.setdefault("max_rel_diff_vs_" + reference, {})[key] = rel
             found[f"{name} vs {reference}: {key}, first {args.compare_steps} steps, rel diff {rel:.2e} "
@@ -208,23 +235,24 @@ def checks(args, runs: dict) -> dict:
         if n3 in done and n2 in done:
             done[n3]["max_rel_diff_vs_" + n2] = {
                 k: max_rel_diff(done[n3], done[n2], k, args.compare_steps) for k in LOSS_KEYS
-                if k in done[n3]["logged"][0]}
+                if done[n3]["logged"] and k in done[n3]["logged"][0]}
     return found
 
 
 def table(report: dict) -> str:
     runs = report["runs"]
-    lines = ["| run | ZeRO | GPUs | global batch | timed steps | samples/s | scaling eff. | "
-             "peak alloc GiB per GPU | teacher params per rank |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | ran (call; beside) | ZeRO | GPUs | global batch | timed steps | samples/s | scaling eff. | "
+             "peak alloc GiB per GPU | teacher params per rank |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, run in runs.items():
         if "samples_per_s" not in run:
-            lines.append(f"| {name} | | | | | {run.get('error') or run.get('not_run')} | | | |")
+            lines.append(f"| {name} | | | | | | {run.get('error') or run.get('not_run')} | | | |")
             continue
+        ran = run.get("from", f"{report['label']} {report['date']}") + "".join(f"; beside {n}" for n in run.get("concurrent_with", []))
         single = runs.get(f"z{run['zero_stage']}n1", {}).get("samples_per_s")
         eff = f"{run['samples_per_s'] / (run['gpus'] * single):.2f}" if single and run["gpus"] > 1 else ""
         peak = " / ".join(f"{p:.1f}" for p in run["peak_allocated_gib"] if p is not None) or "-"
         teacher = " / ".join("none" if t is None else f"{t:,}" for t in run["teacher_parameters"])
-        lines.append(f"| {name} | {run['zero_stage']} | {run['gpus']} | {run['global_batch']} | "
+        lines.append(f"| {name} | {ran} | {run['zero_stage']} | {run['gpus']} | {run['global_batch']} | "
                      f"{run['timed_steps']} | {run['samples_per_s']:.2f} | {eff} | {peak} | {teacher} |")
     done = [n for n, r in runs.items() if "logged" in r]
     if done:
@@ -278,6 +306,8 @@ def main():
     unknown = [n for n in args.runs.split(",") if n not in RUNS]
     if unknown:
         parser.error(f"--runs={args.runs!r}: unknown {unknown}; allowed: {', '.join(RUNS)}")
+    if args.steps < args.warmup + 2:
+        parser.error(f"--steps={args.steps} with --warmup={args.warmup}: need at least warmup + 2 steps to time")
     if args.render:
         report = json.load(open(args.render))
         report["checks"] = checks(SimpleNamespace(**report["args"]), report["runs"])
@@ -288,14 +318,15 @@ def main():
     from sparsevlm_patch.tiny import make_dataset
 
     work = tempfile.mkdtemp(prefix="bench_zero_")
-    available = args.runs.count(",") + 1 if args.tiny else gpu_count()
+    names = args.runs.split(",")
+    available = max(RUNS[n][1] for n in names) if args.tiny else gpu_count()  # tiny: CPU processes
     report = {"label": args.label, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args),
               "command": " ".join(sys.argv), "gpus_available": available, "runs": {}, "checks": {}}
     if not args.tiny:
         import torch
 
         report["gpu"] = torch.cuda.get_device_name(0)
-        report["versions"] = {"torch": torch.__version__}
+    report["versions"] = {p: metadata.version(p) for p in PACKAGES}
     log("building the model and data in", work)
     model_dir, clip_dir = build_model(work, args.tiny)
     data = make_dataset(os.path.join(work, "data"), args.samples, seed=3, multi_turn=True)
@@ -307,7 +338,6 @@ def main():
             if "samples_per_s" in run:
                 report["runs"][name] = {"max_steps": previous["args"]["steps"],
                                         "from": f"{previous['label']} {previous['date']}", **run}
-    names = args.runs.split(",")
     singles = [n for n in names if RUNS[n][1] == 1] if args.parallel_single and not args.tiny else []
     if len(singles) > available:
         singles = []

@@ -39,6 +39,7 @@ class StepTimer(TrainerCallback):
             "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
             "teacher_parameters": None if teacher is None else sum(p.numel() for p in teacher.parameters()),
+            "log_history": state.log_history,  # also here: upstream writes trainer_state.json later
         }
         with open(os.path.join(args.output_dir, f"timing_rank{args.process_index}.json"), "w") as handle:
             json.dump(record, handle)

@@ -84,9 +84,12 @@ def drop_empty_param_groups(wrapped, trainer, args, kwargs):
     """LLaVATrainer.create_optimizer: with `--mm_projector_lr` upstream makes four parameter
     groups, some empty under LoRA. DeepSpeed drops empty groups after the Trainer has built
     the LR scheduler on all four, so the scheduler's rates would land on the wrong groups
-    (recent torch refuses the mismatch outright). Dropping them here, first, keeps both aligned."""
+    (recent torch refuses the mismatch outright). Dropping them here, first, keeps both aligned.
+    An optimizer the user passed in (`optimizers=`) is left as it is."""
+    built_here = trainer.optimizer is None
     optimizer = wrapped(*args, **kwargs)
-    optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+    if built_here:
+        optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
     return optimizer
 
 

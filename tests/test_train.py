@@ -350,3 +350,19 @@ def test_training_says_the_environment_is_not_used(setup, tmp_path, monkeypatch)
     with pytest.warns(UserWarning, match="SPARSEVLM_RETAIN=128 set in the environment but not used"):
         trainer = train_in_process(monkeypatch, upstream_flags(setup, tmp_path, steps=1) + ["--retain_tokens", "64"])
     assert sparsevlm_patch.last_stats(trainer.model)["kept_visual"][0] == [66, 30, 17]
+
+
+def test_an_optimizer_the_user_passed_keeps_its_groups():
+    """Only the optimizer upstream builds loses its empty groups; one passed in through
+    `optimizers=` (with the user's own scheduler built on it) is left as it is."""
+    from sparsevlm_patch.train import drop_empty_param_groups
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    groups = lambda: [{"params": [weight]}, {"params": [], "lr": 0.5}]  # noqa: E731
+    passed = torch.optim.AdamW(groups(), lr=0.1)
+    trainer = types.SimpleNamespace(optimizer=passed)
+    assert drop_empty_param_groups(lambda: trainer.optimizer, trainer, (), {}) is passed
+    assert len(passed.param_groups) == 2
+    built = types.SimpleNamespace(optimizer=None)
+    optimizer = drop_empty_param_groups(lambda: torch.optim.AdamW(groups(), lr=0.1), built, (), {})
+    assert len(optimizer.param_groups) == 1

@@ -103,7 +103,7 @@ class Config:
     align_loss_weight: float = 1.0
     workers: int = 12
     distill_workers: int = 2
-    parallel: int = 4  # distillation runs at a time
+    parallel: int = 4  # distillation runs at a time (the dense control runs beside them)
     # Also fine-tune the dense model on the distillation data for the same steps, dense and without
     # a teacher (upstream's own training): what the extra steps give without pruning or distillation.
     dense_control: bool = True
@@ -953,15 +953,15 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
         ft_step = finetune.get("step_seconds") or 0.2
         # Teacher pass, runs sharing the GPU and the CPU (data loading): assume 2.5 x slower.
         step = max(0.15, 2.5 * ft_step)
-        waves = math.ceil(len(jobs) / max(1, cfg.parallel))
+        waves = math.ceil(len(BUDGETS) / max(1, cfg.parallel))
         left = min(cfg.distill_time, deadline - log.elapsed() - 30 - 25) / waves - 25  # 25: start-up
         ds_steps = steps_for(left, step, cfg.distill_steps, 20)
         log(f"distillation: ~{step:.3f}s/step, {left:.0f}s -> {ds_steps} steps per budget")
     queue = list(jobs)
     running: Dict = {}
 
-    def launch_next():
-        while queue and len(running) < cfg.parallel:
+    def launch_next():  # the control has no teacher: it runs beside the `parallel` distillation runs
+        while queue and len(running) < cfg.parallel + ("control" in jobs):
             job = queue.pop(0)
             student = (["--sparse", "False"] if job == "control" else
                        ["--retain_tokens", str(job), "--teacher_model_name_or_path", dense_dir,
