@@ -214,7 +214,7 @@ def checks(args, runs: dict) -> dict:
     for name, run in done.items():
         sizes = set(run["teacher_parameters"])
         if sizes != {None}:  # a run with a teacher
-            found[f"{name}: teacher of {min(sizes, key=str):,} parameters on every rank"] = (
+            found[f"{name}: teacher of {max(sizes - {None}, default=0):,} parameters on every rank"] = (
                 len(sizes) == 1 and None not in sizes and min(sizes) > 0)
         found[f"{name}: {run['steps']} steps, all losses finite"] = (
             run["steps"] == run["max_steps"] and len(run["logged"]) == run["steps"] and all(
@@ -339,9 +339,9 @@ def main():
                 report["runs"][name] = {"max_steps": previous["args"]["steps"],
                                         "from": f"{previous['label']} {previous['date']}", **run}
     singles = [n for n in names if RUNS[n][1] == 1] if args.parallel_single and not args.tiny else []
-    if len(singles) > available:
-        singles = []
-    if len(singles) > 1:
+    if not 1 < len(singles) <= available:
+        singles = []  # run them one after another with the rest
+    if singles:
         with ThreadPoolExecutor(len(singles)) as pool:
             futures = {n: pool.submit(launch, args, n, model_dir, clip_dir, data, work, i)
                        for i, n in enumerate(singles)}
@@ -349,7 +349,7 @@ def main():
                 report["runs"][name] = outcome(future.result)
                 report["runs"][name]["concurrent_with"] = [n for n in singles if n != name]
                 log(name, json.dumps({k: v for k, v in report["runs"][name].items() if k != "logged"}))
-    for name in [n for n in names if n not in singles or len(singles) < 2]:
+    for name in [n for n in names if n not in singles]:
         gpus = RUNS[name][1]
         if gpus > available:
             report["runs"][name] = {"not_run": f"needs {gpus} GPUs, {available} here"}

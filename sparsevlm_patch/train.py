@@ -96,7 +96,7 @@ def drop_empty_param_groups(wrapped, trainer, args, kwargs):
 def integer_bucket_sizes(wrapped, instance, args, kwargs):
     """HfTrainerDeepSpeedConfig.trainer_config_finalize: transformers 4.37 fills ZeRO-3's "auto"
     stage3_prefetch_bucket_size (as in upstream LLaVA's scripts/zero3.json) with 0.9 x hidden^2,
-    a float that DeepSpeed >= 0.15 refuses; the sizes are byte counts, so round them."""
+    a float that DeepSpeed >= 0.15 refuses; the sizes count elements, so round them."""
     result = wrapped(*args, **kwargs)
     zero = instance.config.get("zero_optimization", {})
     for key in ("stage3_prefetch_bucket_size", "reduce_bucket_size", "stage3_param_persistence_threshold"):
