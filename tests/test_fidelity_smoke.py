@@ -189,7 +189,39 @@ def test_study_split_over_calls(tmp_path):
 
 
 def test_dense_from_without_parts_names_the_setting(tmp_path):
-    from run_study import import_dense
+    from run_study import PRESETS, import_dense
 
     with pytest.raises(FileNotFoundError, match="dense_from="):
-        import_dense(str(tmp_path), str(tmp_path / "dense"), {}, print)
+        import_dense(str(tmp_path), str(tmp_path / "dense"), {}, print, PRESETS["smoke"])
+
+
+def test_dense_from_built_with_other_settings_is_refused(tmp_path):
+    """Runs 1-2 exported models built on CLIP's random position init (scale 10); the CLIP is
+    rebuilt from the settings, so importing one into a run of other settings must fail."""
+    from run_study import PRESETS, import_dense
+
+    (tmp_path / "dense.tar.part00").write_bytes(b"")
+    (tmp_path / "results.json").write_text(json.dumps({"config": {"clip_pos_scale": 10.0, "hidden": 32}}))
+    with pytest.raises(ValueError, match="clip_position.*random.*sincos") as error:
+        import_dense(str(tmp_path), str(tmp_path / "dense"), {}, print, PRESETS["smoke"])
+    assert "clip_pos_scale" in str(error.value) and "hidden" not in str(error.value)
+    assert not (tmp_path / "dense").exists()
+
+
+def test_sincos_positions_make_the_grid_cell_linear(tmp_path):
+    """The study's CLIP: with the 2-D sine-cosine table a linear probe reads each patch's grid
+    cell far better than with CLIP's random position init; the colors stay readable."""
+    import models
+
+    scenes = task.make_scenes(str(tmp_path / "images"), "p", 12, seed=5, size=336)
+    images = [str(tmp_path / "images" / name) for name, _ in scenes]
+    probes = {}
+    for position, scale in (("random", 10.0), ("sincos", 0.5)):
+        clip = models.build_clip(str(tmp_path / position), hidden=64, layers=2, position=position,
+                                 pos_scale=scale, seed=0)
+        probes[position] = models.locality_probe(clip, images, dtype=torch.float32)
+    assert probes["sincos"]["cell_probe_accuracy"] > 0.9
+    assert probes["sincos"]["cell_probe_accuracy"] > probes["random"]["cell_probe_accuracy"] + 0.1
+    assert probes["sincos"]["color_probe_accuracy"] > probes["sincos"]["color_majority_baseline"] + 0.05
+    with pytest.raises(ValueError, match="position='grid'"):
+        models.build_clip(str(tmp_path / "bad"), hidden=64, position="grid")

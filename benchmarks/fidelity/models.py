@@ -3,7 +3,8 @@
 * a small sentencepiece tokenizer trained on the task's own text, saved as a Llama tokenizer
   (the recipe of ``sparsevlm_patch.tiny.build_tokenizer``, on another corpus);
 * a random, frozen ``CLIPVisionModel`` with the real 336 px / patch 14 geometry (576 tokens)
-  plus its ``CLIPImageProcessor``;
+  plus its ``CLIPImageProcessor``, its position embeddings a 2-D sine-cosine table (smooth
+  in 2-D, as a pretrained CLIP's are) or CLIP's random init;
 * a random ``LlamaForCausalLM`` (the "Vicuna" of this study: upstream's training loads it
   into ``LlavaLlamaForCausalLM`` and adds the projector, as it does with Vicuna).
 
@@ -40,20 +41,49 @@ def build_tokenizer(out_dir: str, corpus, vocab_size: int = 600):
     return tokenizer
 
 
+def grid_position_table(side: int, dim: int) -> torch.Tensor:
+    """2-D sine-cosine position embeddings, [side * side, dim]: half the channels code the row,
+    half the column, at geometric frequencies (as in MAE). Nearby patches get similar vectors,
+    so "which region" is close to linear in them."""
+    if dim % 4:
+        raise ValueError(f"grid_position_table: dim={dim} must be a multiple of 4")
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float32),
+                                torch.arange(side, dtype=torch.float32), indexing="ij")
+    quarter = dim // 4
+    freq = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    angles = [coord.flatten()[:, None] * freq[None] for coord in (rows, cols)]
+    return torch.cat([part for a in angles for part in (a.sin(), a.cos())], 1)
+
+
+POSITIONS = ("random", "sincos")
+
+
 def build_clip(out_dir: str, *, image_size: int = 336, patch_size: int = 14, hidden: int = 256,
-               layers: int = 2, heads: int = 4, pos_scale: float = 1.0, seed: int = 0) -> str:
-    """A random CLIPVisionModel + processor. `pos_scale` multiplies the initial position
-    embeddings (CLIP initialises them at std 0.02, tiny next to a patch's content)."""
+               layers: int = 2, heads: int = 4, position: str = "random", pos_scale: float = 1.0,
+               seed: int = 0) -> str:
+    """A random CLIPVisionModel + processor.
+
+    `position`: "random" keeps CLIP's random init of the position embeddings (std 0.02, times
+    `pos_scale`); "sincos" puts a 2-D sine-cosine table there (times `pos_scale`, CLS at 0).
+    A pretrained CLIP's position embeddings are smooth in 2-D; random ones are not, and on
+    random ones no linear map (an attention head's query-key product) tells a grid cell's 64
+    patches from the rest well.
+    """
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
+    if position not in POSITIONS:
+        raise ValueError(f"build_clip: position={position!r}; expected one of {POSITIONS}")
     config = CLIPVisionConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                               num_attention_heads=heads, image_size=image_size, patch_size=patch_size,
                               projection_dim=hidden)
     torch.manual_seed(seed)
     model = CLIPVisionModel(config)
-    if pos_scale != 1.0:
-        with torch.no_grad():
-            model.vision_model.embeddings.position_embedding.weight.mul_(pos_scale)
+    table = model.vision_model.embeddings.position_embedding.weight
+    with torch.no_grad():
+        if position == "sincos":
+            table[0] = 0.0
+            table[1:] = grid_position_table(image_size // patch_size, hidden)
+        table.mul_(pos_scale)
     processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                    crop_size={"height": image_size, "width": image_size})
     os.makedirs(out_dir, exist_ok=True)

@@ -84,7 +84,10 @@ class Config:
     # vision tower (random, frozen)
     clip_hidden: int = 256
     clip_layers: int = 2
-    clip_pos_scale: float = 10.0
+    # "sincos": a 2-D sine-cosine position table (smooth in 2-D, as a pretrained CLIP's is);
+    # "random": CLIP's random init (runs 1 and 2, with clip_pos_scale 10)
+    clip_position: str = "sincos"
+    clip_pos_scale: float = 0.5
     # LLM (random)
     hidden: int = 256
     layers: int = 16
@@ -707,7 +710,9 @@ def main(argv=None) -> int:
 
     cfg = replace(PRESETS[args.preset])
     for item in args.set:
-        key, value = item.split("=", 1)
+        key, _, value = item.partition("=")
+        if not hasattr(cfg, key) or not _:
+            parser.error(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(asdict(cfg))}")
         kind = type(getattr(cfg, key))
         setattr(cfg, key, (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value))
     out = os.path.abspath(args.out)
@@ -855,14 +860,32 @@ def export_dense(dense_dir: str, out: str, log: Log) -> None:
     log(f"exported {dense_dir} to {archive}.part*")
 
 
-def import_dense(folder: str, dense_dir: str, report: dict, log: Log) -> None:
+# The settings an exported dense model depends on (the CLIP is rebuilt, not exported).
+MODEL_FIELDS = ("image_size", "clip_hidden", "clip_layers", "clip_position", "clip_pos_scale", "hidden",
+                "layers", "heads", "intermediate", "vocab", "seed", "caption_turn")
+
+
+def import_dense(folder: str, dense_dir: str, report: dict, log: Log, cfg: Config) -> None:
     """Unpack dense.tar.part* from `folder` into `dense_dir`; carry over the earlier report's
-    training record (results.json beside the parts)."""
+    training record (results.json beside the parts), which must name the same model settings."""
     import tarfile
 
     parts = sorted(n for n in os.listdir(folder) if n.startswith("dense.tar.part"))
     if not parts:
         raise FileNotFoundError(f"dense_from={folder!r} holds no dense.tar.part* files")
+    earlier = os.path.join(folder, "results.json")
+    if os.path.exists(earlier):
+        with open(earlier, encoding="utf-8") as handle:
+            previous = json.load(handle)
+        built = {"clip_position": "random", **(previous.get("config") or {})}  # runs 1-2 had no choice
+        differ = {k: (built[k], v) for k, v in asdict(cfg).items() if k in MODEL_FIELDS and k in built and built[k] != v}
+        if differ:
+            raise ValueError(f"dense_from={folder!r} was built with other model settings than this run "
+                             f"(field: (then, now)): {differ}; pass the same values with --set")
+        report["dense_training"] = {k: previous.get(k) for k in (
+            "command", "note", "config", "versions", "probe", "training", "commands", "timings", "chance",
+            "dense_training")}
+        report["dense_training"]["dense_accuracy"] = previous.get("results", {}).get("dense", {}).get("accuracy")
     archive = dense_dir + ".tar"
     with open(archive, "wb") as whole:
         for name in parts:
@@ -872,14 +895,6 @@ def import_dense(folder: str, dense_dir: str, report: dict, log: Log) -> None:
     with tarfile.open(archive) as tar:
         tar.extractall(dense_dir, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     os.remove(archive)
-    earlier = os.path.join(folder, "results.json")
-    if os.path.exists(earlier):
-        with open(earlier, encoding="utf-8") as handle:
-            previous = json.load(handle)
-        report["dense_training"] = {k: previous.get(k) for k in (
-            "command", "note", "config", "versions", "probe", "training", "commands", "timings", "chance",
-            "dense_training")}
-        report["dense_training"]["dense_accuracy"] = previous.get("results", {}).get("dense", {}).get("accuracy")
     log(f"imported the dense model from {folder} ({len(parts)} parts)")
 
 
@@ -929,7 +944,8 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
     # 2. models from scratch
     t = time.time()
     paths["clip"] = models.build_clip(os.path.join(work, "clip"), image_size=cfg.image_size, hidden=cfg.clip_hidden,
-                                      layers=cfg.clip_layers, pos_scale=cfg.clip_pos_scale, seed=cfg.seed)
+                                      layers=cfg.clip_layers, position=cfg.clip_position,
+                                      pos_scale=cfg.clip_pos_scale, seed=cfg.seed)
     trainer = Trainer(cfg, paths, work, log)
     report["commands"] = trainer.commands
     evaluator = Evaluator(cfg, test_records, paths["image_folder"], log)
@@ -937,7 +953,7 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
     if cfg.dense_from:
         # A dense model trained and exported by an earlier call (same --work, so the tower
         # path in its config is this CLIP, rebuilt from the same seed).
-        import_dense(cfg.dense_from, dense_dir, report, log)
+        import_dense(cfg.dense_from, dense_dir, report, log, cfg)
         if cfg.continue_finetune:
             continue_dense(cfg, paths, log, report, trainer, dense_dir, deadline)
     else:
