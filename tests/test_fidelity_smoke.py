@@ -65,6 +65,29 @@ def test_caption_turn_ends_each_training_conversation(tmp_path):
     assert all(len(r["conversations"]) == 2 for r in json.load(open(paths["test"])))
 
 
+def test_shuffled_captions_name_every_cell_once_and_leave_the_questions_alone(tmp_path):
+    kwargs = dict(size=56, n_train=40, n_test_images=4, n_test=8, n_distill=8, turns=3, seed=0, caption_turn=True)
+    plain = task.write_splits(str(tmp_path / "plain"), **kwargs)
+    mixed = task.write_splits(str(tmp_path / "mixed"), shuffled_captions=0.5, **kwargs)
+    pretrain = {r["image"]: r["conversations"][1]["value"] for r in json.load(open(mixed["pretrain"]))}
+    shuffled = 0
+    for before, after in zip(json.load(open(plain["train"])), json.load(open(mixed["train"]))):
+        assert before["conversations"][:-2] == after["conversations"][:-2]  # same questions
+        prompt, text = after["conversations"][-2]["value"], after["conversations"][-1]["value"]
+        if prompt == task.DESCRIBE:
+            assert text == pretrain[after["image"]]
+            continue
+        assert prompt == task.DESCRIBE_ANY_ORDER and text != pretrain[after["image"]]
+        items = text.rstrip(".").split(", ")
+        assert sorted(items) == sorted(pretrain[after["image"]].rstrip(".").split(", "))
+        shuffled += 1
+    assert 8 <= shuffled <= 32
+    for split in ("test", "distill"):
+        assert json.load(open(plain[split])) == json.load(open(mixed[split]))
+    with pytest.raises(ValueError, match="shuffled_captions=1.5"):
+        task.write_splits(str(tmp_path / "bad"), shuffled_captions=1.5, **kwargs)
+
+
 def test_baseline_scorers_swap_and_restore(tiny_llava):
     """Each baseline changes which visual tokens stay; the plugin's scorer comes back after."""
     from llava.mm_utils import process_images

@@ -81,6 +81,7 @@ class Config:
     n_test: int = 1000
     empty_prob: float = 0.2
     caption_turn: bool = True  # training conversations end with the cell-by-cell caption
+    shuffled_captions: float = 0.5  # of those captions, the share in a random cell order (task.write_splits)
     # vision tower (random, frozen)
     clip_hidden: int = 256
     clip_layers: int = 2
@@ -921,7 +922,7 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
     paths = task.write_splits(data_dir, size=cfg.image_size, n_train=cfg.n_train, n_test_images=cfg.n_test_images,
                               n_test=cfg.n_test, turns=cfg.turns, n_distill=cfg.n_distill, seed=cfg.seed,
                               empty_prob=cfg.empty_prob, workers=max(1, os.cpu_count() or 1),
-                              caption_turn=cfg.caption_turn)
+                              caption_turn=cfg.caption_turn, shuffled_captions=cfg.shuffled_captions)
     timings["data"] = round(time.time() - t, 1)
     with open(paths["test"], encoding="utf-8") as handle:
         test_records = json.load(handle)

@@ -152,10 +152,15 @@ def make_question(rng: random.Random, scene: dict, qtype: str) -> Tuple[str, str
     raise ValueError(f"unknown question type {qtype!r}: expected one of {QUESTION_TYPES}")
 
 
-def caption(scene: dict) -> str:
-    """The grid read out cell by cell (pretraining target)."""
+DESCRIBE = "Describe the grid."
+DESCRIBE_ANY_ORDER = "Describe the grid, cells in any order."
+
+
+def caption(scene: dict, order: Optional[Sequence[int]] = None) -> str:
+    """The grid read out cell by cell (pretraining target), in reading order or in `order`."""
     parts = []
-    for index, item in enumerate(scene["cells"]):
+    for index in range(9) if order is None else order:
+        item = scene["cells"][index]
         what = "empty" if item is None else f"{item['color']} {item['shape']}"
         parts.append(f"{CELL_NAMES[index]} {what}")
     return ", ".join(parts) + "."
@@ -223,7 +228,7 @@ DEFAULT_TRAIN_MIX = {"color": 1.0, "shape": 1.0, "row": 1.0, "column": 1.0}
 def write_splits(root: str, *, size: int, n_train: int, n_test_images: int, n_test: int,
                  turns: int = 8, n_distill: int = 0, seed: int = 0, empty_prob: float = 0.2,
                  workers: int = 1, train_mix: Optional[Dict[str, float]] = None,
-                 caption_turn: bool = False) -> Dict[str, str]:
+                 caption_turn: bool = False, shuffled_captions: float = 0.0) -> Dict[str, str]:
     """Write images and the four JSON splits under `root`; return their paths.
 
     Train/distill images and test images come from disjoint seeds. `n_test` single-turn
@@ -231,7 +236,13 @@ def write_splits(root: str, *, size: int, n_train: int, n_test_images: int, n_te
     `caption_turn`: every training conversation ends with "Describe the grid." and the
     cell-by-cell caption, nine image-dependent answers per image for the LLM itself (last,
     so that no question can be answered by copying from it).
+    `shuffled_captions`: the share of those conversations whose caption lists the cells in a
+    random order (asked with DESCRIBE_ANY_ORDER). A caption in reading order can be read out
+    by where each cell comes in the list; a shuffled one only by looking each named cell up,
+    which is what the questions need. The questions and splits stay the same for any share.
     """
+    if not 0.0 <= shuffled_captions <= 1.0:
+        raise ValueError(f"shuffled_captions={shuffled_captions}: expected a share in [0, 1]")
     mix = train_mix or DEFAULT_TRAIN_MIX
     image_dir = os.path.join(root, "images")
     rng = random.Random(seed)
@@ -240,9 +251,10 @@ def write_splits(root: str, *, size: int, n_train: int, n_test_images: int, n_te
     test_scenes = make_scenes(image_dir, "test", n_test_images, seed=2 * seed + 2, size=size,
                               empty_prob=empty_prob, workers=workers)
 
-    pretrain = [_record(f"pre-{i:06d}", name, [("Describe the grid.", caption(scene))])
+    pretrain = [_record(f"pre-{i:06d}", name, [(DESCRIBE, caption(scene))])
                 for i, (name, scene) in enumerate(train_scenes)]
     train = []
+    order_rng = random.Random(seed + 7919)  # its own stream: the questions do not depend on it
     for i, (name, scene) in enumerate(train_scenes):
         pairs, seen = [], set()
         for qtype in type_cycle(rng, 3 * turns, mix):
@@ -254,7 +266,10 @@ def write_splits(root: str, *, size: int, n_train: int, n_test_images: int, n_te
             if len(pairs) == turns:
                 break
         if caption_turn:
-            pairs.append(("Describe the grid.", caption(scene)))
+            if order_rng.random() < shuffled_captions:
+                pairs.append((DESCRIBE_ANY_ORDER, caption(scene, order_rng.sample(range(9), 9))))
+            else:
+                pairs.append((DESCRIBE, caption(scene)))
         train.append(_record(f"train-{i:06d}", name, pairs))
     distill = []
     for i in range(n_distill):
@@ -291,6 +306,7 @@ def tokenizer_corpus(seed: int = 1234, n_scenes: int = 300) -> List[str]:
     for _ in range(n_scenes):
         scene = random_scene(rng, 336)
         lines.append(caption(scene))
+        lines.append(f"USER: {DESCRIBE_ANY_ORDER} ASSISTANT: {caption(scene, rng.sample(range(9), 9))}</s>")
         for qtype in QUESTION_TYPES:
             q, a, _ = make_question(rng, scene, qtype)
             lines.append(f"USER: {q} ASSISTANT: {a}</s>")
