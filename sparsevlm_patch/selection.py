@@ -103,7 +103,8 @@ def recycle(
     each cluster is averaged. Returns [B, max_clusters, D] (rows past n_clusters[b] are
     padding). One assignment step, fixed shapes: no iteration, no host sync. The sums are a
     matmul with the one-hot assignment, not a scatter_add, whose atomics on a GPU would make
-    the recycled tokens (and every later selection) differ from run to run.
+    the recycled tokens (and every later selection) differ from run to run. The result is in
+    `hidden`'s dtype: under CUDA autocast `sum` returns fp32, and the mean would follow it.
     """
     B, _, D = hidden.shape
     if max_clusters == 0:
@@ -120,4 +121,4 @@ def recycle(
     assign = ((cluster[..., None] == centres) & cand_valid[..., None]).to(hidden.dtype)  # [B, C, K]
     sums = assign.transpose(1, 2) @ cand
     sizes = assign.sum(1)
-    return sums / sizes.clamp(min=1)[..., None]
+    return (sums / sizes.clamp(min=1)[..., None]).to(hidden.dtype)

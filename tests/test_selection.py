@@ -170,6 +170,21 @@ def test_recycle_merges_candidates_into_cluster_means():
     assert recycle(hidden, scores, pruned, n_cand, n_clu, 6, 0).shape == (B, 0, D)
 
 
+def test_recycled_tokens_keep_the_hidden_dtype_when_sums_come_back_fp32(monkeypatch):
+    """CUDA autocast runs `sum` in fp32 (CPU autocast does not): the cluster sizes come back
+    fp32 and the means would too, and a bf16 student's hidden states could no longer be
+    scattered back (GPU distillation with --bf16 failed so)."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 12, 8, generator=g).to(torch.bfloat16)
+    scores = torch.rand(2, 12, generator=g)
+    pruned = torch.ones(2, 12, dtype=torch.bool)
+    sum_in_bf16 = torch.Tensor.sum
+    monkeypatch.setattr(torch.Tensor, "sum", lambda self, *a, **k: sum_in_bf16(self, *a, **k).float())
+    out = recycle(hidden, scores, pruned, torch.tensor([5, 3]), torch.tensor([2, 1]), max_candidates=5,
+                  max_clusters=2)
+    assert out.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_layer_scores_equal_eager_attention_with_and_without_grouped_kv_heads(kv_heads):
     """`_scores` rotates keys and rater queries together when every head has its own keys,
