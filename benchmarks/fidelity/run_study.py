@@ -81,7 +81,7 @@ class Config:
     n_test: int = 1000
     empty_prob: float = 0.2
     caption_turn: bool = True  # training conversations end with the cell-by-cell caption
-    shuffled_captions: float = 0.5  # of those captions, the share in a random cell order (task.write_splits)
+    shuffled_captions: float = 0.0  # of those captions, the share in a random cell order (run 4: 0.5)
     # vision tower (random, frozen)
     clip_hidden: int = 256
     clip_layers: int = 2
