@@ -231,6 +231,33 @@ def test_dense_from_built_with_other_settings_is_refused(tmp_path):
     assert not (tmp_path / "dense").exists()
 
 
+def test_dense_from_needs_the_exporting_calls_report(tmp_path):
+    from run_study import PRESETS, import_dense
+
+    (tmp_path / "dense.tar.part00").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="holds no results.json"):
+        import_dense(str(tmp_path), str(tmp_path / "dense"), {}, print, PRESETS["smoke"])
+
+
+def test_set_names_an_unknown_key(tmp_path, capsys):
+    from run_study import main
+
+    for item in ("clip_positions=sincos", "__class__=x", "vocab"):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path), "--set", item])
+        assert f"--set '{item}': expected KEY=VALUE with KEY one of" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_the_tokenizer_corpus_is_unchanged_without_shuffled_captions():
+    """Runs before `shuffled_captions` must rebuild with the same tokenizer: the any-order
+    captions only add lines, and draw their order from their own stream."""
+    plain, extra = task.tokenizer_corpus(), task.tokenizer_corpus(any_order=True)
+    assert not any(task.DESCRIBE_ANY_ORDER in line for line in plain)
+    assert [line for line in extra if task.DESCRIBE_ANY_ORDER not in line] == plain
+    assert len(extra) == len(plain) + 300
+
+
 def test_sincos_positions_make_the_grid_cell_linear(tmp_path):
     """The study's CLIP: with the 2-D sine-cosine table a linear probe reads each patch's grid
     cell far better than with CLIP's random position init; the colors stay readable."""

@@ -712,7 +712,7 @@ def main(argv=None) -> int:
     cfg = replace(PRESETS[args.preset])
     for item in args.set:
         key, _, value = item.partition("=")
-        if not hasattr(cfg, key) or not _:
+        if key not in asdict(cfg) or not _:
             parser.error(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(asdict(cfg))}")
         kind = type(getattr(cfg, key))
         setattr(cfg, key, (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value))
@@ -756,7 +756,8 @@ def train_dense(cfg: Config, paths: dict, work: str, log: Log, report: dict, tra
 
     import models
 
-    tokenizer = models.build_tokenizer(os.path.join(work, "tokenizer"), task.tokenizer_corpus(), vocab_size=cfg.vocab)
+    tokenizer = models.build_tokenizer(os.path.join(work, "tokenizer"), task.tokenizer_corpus(any_order=cfg.shuffled_captions > 0),
+                                       vocab_size=cfg.vocab)
     base = models.build_llm(os.path.join(work, "llm-base"), tokenizer, hidden=cfg.hidden, layers=cfg.layers,
                             heads=cfg.heads, intermediate=cfg.intermediate, seed=cfg.seed)
     log(f"built tokenizer ({len(tokenizer)} tokens), CLIP and random LLM")
@@ -861,9 +862,10 @@ def export_dense(dense_dir: str, out: str, log: Log) -> None:
     log(f"exported {dense_dir} to {archive}.part*")
 
 
-# The settings an exported dense model depends on (the CLIP is rebuilt, not exported).
+# The settings an exported dense model depends on (the CLIP and the training data are
+# rebuilt, not exported).
 MODEL_FIELDS = ("image_size", "clip_hidden", "clip_layers", "clip_position", "clip_pos_scale", "hidden",
-                "layers", "heads", "intermediate", "vocab", "seed", "caption_turn")
+                "layers", "heads", "intermediate", "vocab", "seed", "caption_turn", "shuffled_captions")
 
 
 def import_dense(folder: str, dense_dir: str, report: dict, log: Log, cfg: Config) -> None:
@@ -875,18 +877,21 @@ def import_dense(folder: str, dense_dir: str, report: dict, log: Log, cfg: Confi
     if not parts:
         raise FileNotFoundError(f"dense_from={folder!r} holds no dense.tar.part* files")
     earlier = os.path.join(folder, "results.json")
-    if os.path.exists(earlier):
-        with open(earlier, encoding="utf-8") as handle:
-            previous = json.load(handle)
-        built = {"clip_position": "random", **(previous.get("config") or {})}  # runs 1-2 had no choice
-        differ = {k: (built[k], v) for k, v in asdict(cfg).items() if k in MODEL_FIELDS and k in built and built[k] != v}
-        if differ:
-            raise ValueError(f"dense_from={folder!r} was built with other model settings than this run "
-                             f"(field: (then, now)): {differ}; pass the same values with --set")
-        report["dense_training"] = {k: previous.get(k) for k in (
-            "command", "note", "config", "versions", "probe", "training", "commands", "timings", "chance",
-            "dense_training")}
-        report["dense_training"]["dense_accuracy"] = previous.get("results", {}).get("dense", {}).get("accuracy")
+    if not os.path.exists(earlier):
+        raise FileNotFoundError(f"dense_from={folder!r} holds no results.json: copy the exporting call's "
+                                "report beside its parts (it names the settings the model was built with)")
+    with open(earlier, encoding="utf-8") as handle:
+        previous = json.load(handle)
+    # Runs 1-2 predate the position and caption-order choices: random positions, ordered captions.
+    built = {"clip_position": "random", "shuffled_captions": 0.0, **(previous.get("config") or {})}
+    differ = {k: (built[k], v) for k, v in asdict(cfg).items() if k in MODEL_FIELDS and k in built and built[k] != v}
+    if differ:
+        raise ValueError(f"dense_from={folder!r} was built with other settings than this run "
+                         f"(field: (then, now)): {differ}; pass the same values with --set")
+    report["dense_training"] = {k: previous.get(k) for k in (
+        "command", "note", "config", "versions", "probe", "training", "commands", "timings", "chance",
+        "dense_training")}
+    report["dense_training"]["dense_accuracy"] = previous.get("results", {}).get("dense", {}).get("accuracy")
     archive = dense_dir + ".tar"
     with open(archive, "wb") as whole:
         for name in parts:

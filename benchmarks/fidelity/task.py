@@ -294,9 +294,11 @@ def write_splits(root: str, *, size: int, n_train: int, n_test_images: int, n_te
     return paths
 
 
-def tokenizer_corpus(seed: int = 1234, n_scenes: int = 300) -> List[str]:
+def tokenizer_corpus(seed: int = 1234, n_scenes: int = 300, any_order: bool = False) -> List[str]:
     """Text for training the study's tokenizer: the chat template and every kind of
-    question, answer and caption the task produces."""
+    question, answer and caption the task produces. `any_order` adds captions in a random
+    cell order (for `shuffled_captions`); without it the corpus, and so the tokenizer, is
+    the one of the runs before that option."""
     from llava.conversation import conv_templates  # only the template strings
 
     rng = random.Random(seed)
@@ -306,7 +308,9 @@ def tokenizer_corpus(seed: int = 1234, n_scenes: int = 300) -> List[str]:
     for _ in range(n_scenes):
         scene = random_scene(rng, 336)
         lines.append(caption(scene))
-        lines.append(f"USER: {DESCRIBE_ANY_ORDER} ASSISTANT: {caption(scene, rng.sample(range(9), 9))}</s>")
+        if any_order:
+            order = random.Random(seed + len(lines)).sample(range(9), 9)  # not from `rng`: the rest stays the same
+            lines.append(f"USER: {DESCRIBE_ANY_ORDER} ASSISTANT: {caption(scene, order)}</s>")
         for qtype in QUESTION_TYPES:
             q, a, _ = make_question(rng, scene, qtype)
             lines.append(f"USER: {q} ASSISTANT: {a}</s>")
