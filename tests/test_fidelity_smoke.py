@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -209,6 +210,50 @@ def test_study_split_over_calls(tmp_path):
     assert report_b["results"]["dense"]["accuracy"] == report_m["results"]["dense"]["accuracy"]
     assert set(report_b["results"]["sparsevlm_distilled"]) == {"192", "128", "96", "64"}
     assert "| finetune |" in (second / "results.md").read_text()
+
+
+def test_in_region_maps_patches_to_cells_rows_and_columns():
+    n = 24 * 24  # 336 px at patch 14
+    assert task.in_region(0, n, {"cell": 0}) and task.in_region(n - 1, n, {"cell": 8})
+    assert task.in_region(8 * 24 + 0, n, {"cell": 3}) and not task.in_region(7 * 24 + 0, n, {"cell": 3})
+    assert task.in_region(23 * 24 + 5, n, {"row": 2}) and not task.in_region(23 * 24 + 5, n, {"row": 1})
+    assert task.in_region(3 * 24 + 16, n, {"column": 2}) and not task.in_region(3 * 24 + 15, n, {"column": 2})
+    cells = [sum(task.in_region(p, n, {"cell": c}) for p in range(n)) for c in range(9)]
+    assert cells == [64] * 9
+
+
+def test_diagnosis_of_an_exported_model(tmp_path):
+    """diagnose.py on a smoke model: the reading and pruning probes report every place, order
+    and method; the share of kept tokens in the question's region does not depend on how the
+    questions are batched."""
+    import diagnose
+    from run_study import METHODS, Evaluator
+
+    exported, work = tmp_path / "exported", tmp_path / "work"
+    proc = subprocess.run([sys.executable, os.path.join(STUDY, "run_study.py"), "--preset", "smoke", "--work",
+                           str(work), "--out", str(exported), "--set", "stop_after=dense"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    out = tmp_path / "diagnosis.json"
+    assert diagnose.main(["--dense_from", str(exported), "--work", str(tmp_path / "diag"), "--out", str(out),
+                          "--images", "2", "--questions", "8", "--retain", "64"]) == 0
+    report = json.loads(out.read_text())
+    reading = report["reading"]
+    assert len(reading["answer_top1_per_turn"]) == 3  # the smoke preset's turns
+    assert set(reading["caption_content_top1"]) == {f"{o}, {p}" for o in diagnose.ORDERS for p in ("last", "first")}
+    assert all(n >= 2 * 9 for n in reading["caption_content_tokens"].values())  # a color or empty word per cell
+    methods = report["pruning"]["methods"]
+    assert set(methods) == {"dense", *METHODS} and "kept_in_region" not in methods["dense"]
+    for method in METHODS:
+        assert all(0.0 <= v <= 1.0 for v in methods[method]["kept_in_region"].values())
+        assert sum(n for _, n in methods[method]["top_answers"]["color"]) >= 1
+
+    built = json.loads((exported / "results.json").read_text())["config"]
+    cfg, loaded = diagnose.load_dense(str(exported), built, str(tmp_path / "again"), "cpu")
+    records = json.loads((work / "data" / "test.json").read_text())
+    shares = [Evaluator(replace(cfg, eval_batch=batch), records, str(work / "data" / "images"), print)
+              .evaluate(loaded, "sparsevlm", 64)["kept_in_region"] for batch in (1, 5)]
+    assert shares[0] == shares[1]
 
 
 def test_dense_from_without_parts_names_the_setting(tmp_path):

@@ -35,6 +35,7 @@ Stages that fail stop the run with the error in results.json; partial results st
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import importlib.util
 import json
@@ -427,7 +428,8 @@ class Evaluator:
 
     def load(self, path: str):
         """Upstream's loader, minus its fp16 cast of the language model: the LLM runs in the
-        training precision, the vision tower in fp16 (bf16) as upstream's training runs it."""
+        training precision, the vision tower in fp16 (bf16) as upstream's training runs it (fp32
+        on a CPU)."""
         import torch
         import transformers
         from transformers import AutoTokenizer
@@ -442,7 +444,10 @@ class Evaluator:
         tower = model.get_vision_tower()
         if not tower.is_loaded:
             tower.load_model()
-        tower.to(device=device, dtype=torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16)
+        if self.cfg.precision == "bf16":
+            tower.to(device=device, dtype=torch.bfloat16)
+        else:  # fp16 as upstream on a GPU; on a CPU, where fp16 kernels are slow, fp32
+            tower.to(device=device, dtype=torch.float16 if device != "cpu" else torch.float32)
         model.eval()
         # Batched generation: upstream re-pads the spliced batch on this side.
         model.config.tokenizer_padding_side = "left"
@@ -490,7 +495,7 @@ class Evaluator:
         else:
             sparsevlm_patch.enable(model, retain_tokens=retain)
         started = time.time()
-        correct, predictions = [], []
+        correct, predictions, in_region = [], [], []
         sparse_flops = dense_flops = 0.0
         kept = []
         pad = tokenizer.pad_token_id
@@ -517,6 +522,12 @@ class Evaluator:
                     sparse_flops += stats["flops"]["sparse"]
                     dense_flops += stats["flops"]["dense"]
                     kept.extend(stats["kept_visual"])
+                    reached = sparsevlm_patch.last_keep_mask(model).cpu()
+                    for row, i in enumerate(chunk):
+                        (start, count), = stats["image_spans"][row]
+                        patches = reached[row, start:start + count].nonzero()[:, 0].tolist()
+                        inside = [task.in_region(p, count, self.records[i]["info"]) for p in patches]
+                        in_region.append(sum(inside) / max(1, len(inside)))
         result = {"accuracy": sum(correct) / len(correct), "n": len(correct),
                   "seconds": round(time.time() - started, 2)}
         result["per_type"] = {t: round(sum(c for c, tt in zip(correct, types) if tt == t)
@@ -527,6 +538,14 @@ class Evaluator:
                                                for j in range(len(kept[0]))]
         else:
             result["flops_vs_dense"] = 1.0
+        if in_region:
+            # Of the visual tokens that reach the last layer, the share inside the region the
+            # question is about (a cell is 1/9 of the image, a row or column 1/3).
+            result["kept_in_region"] = {t: round(sum(r for r, tt in zip(in_region, types) if tt == t)
+                                                 / max(1, sum(tt == t for tt in types)), 4)
+                                        for t in task.QUESTION_TYPES}
+        result["top_answers"] = {t: collections.Counter(task.normalize(p) for p, tt in zip(predictions, types)
+                                                        if tt == t).most_common(3) for t in task.QUESTION_TYPES}
         result["examples"] = [{"q": self.records[i]["conversations"][0]["value"].split("\n")[-1],
                                "answer": answers[i], "prediction": predictions[i]} for i in range(3)]
         result["_correct"] = correct
@@ -904,6 +923,14 @@ def import_dense(folder: str, dense_dir: str, report: dict, log: Log, cfg: Confi
     log(f"imported the dense model from {folder} ({len(parts)} parts)")
 
 
+def build_study_clip(cfg: Config, out_dir: str) -> str:
+    """The random frozen CLIP of `cfg` (seeded: a later call rebuilds the same one)."""
+    import models
+
+    return models.build_clip(out_dir, image_size=cfg.image_size, hidden=cfg.clip_hidden, layers=cfg.clip_layers,
+                             position=cfg.clip_position, pos_scale=cfg.clip_pos_scale, seed=cfg.seed)
+
+
 def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> None:
     import torch
 
@@ -949,9 +976,7 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
 
     # 2. models from scratch
     t = time.time()
-    paths["clip"] = models.build_clip(os.path.join(work, "clip"), image_size=cfg.image_size, hidden=cfg.clip_hidden,
-                                      layers=cfg.clip_layers, position=cfg.clip_position,
-                                      pos_scale=cfg.clip_pos_scale, seed=cfg.seed)
+    paths["clip"] = build_study_clip(cfg, os.path.join(work, "clip"))
     trainer = Trainer(cfg, paths, work, log)
     report["commands"] = trainer.commands
     evaluator = Evaluator(cfg, test_records, paths["image_folder"], log)

@@ -170,6 +170,17 @@ def answer_vocabulary() -> List[str]:
     return sorted(COLORS) + list(SHAPES) + ["yes", "no"]
 
 
+def in_region(patch: int, n_patches: int, info: dict) -> bool:
+    """Whether visual token `patch` (row-major over a square patch grid of `n_patches`) lies
+    in the region a question's `info` names: its cell, row or column of the 3 x 3 grid."""
+    side = round(n_patches ** 0.5)
+    row, col = divmod(patch, side)
+    row, col = row * 3 // side, col * 3 // side
+    if "cell" in info:
+        return row * 3 + col == info["cell"]
+    return row == info["row"] if "row" in info else col == info["column"]
+
+
 # ----------------------------------------------------------------------------- scoring
 
 def normalize(text: str) -> str:

@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Why a dense model of the fidelity study answers as it does: probes of an exported dense
+model (the dense.tar.part* and results.json that `run_study.py --set stop_after=dense` writes).
+
+    python benchmarks/fidelity/diagnose.py --dense_from DIR --work /tmp/fidwork --out diagnosis.json
+
+1. reading: teacher-forced on training-format conversations (the questions, then the
+   caption), top-1 accuracy of each answer's first token per question turn, and of the
+   caption's color, shape and "empty" words; the caption is also asked as the first turn,
+   and in reversed and shuffled cell order. A model that reads each cell by its name does
+   as well in every place and order; one that reads by where an item stands does not;
+2. pruning: a test split on new scenes (`task.write_splits`), evaluated as `run_study.py` does, per
+   selection rule at one budget: accuracy, the share of the visual tokens reaching the last
+   layer that lie in the question's region (`kept_in_region`), the commonest answers.
+
+Runs where it is started (CPU by default), the LLM in fp32; scenes come from their own seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from dataclasses import fields, replace
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import task  # noqa: E402
+from run_study import BUDGETS, METHODS, Config, Evaluator, build_study_clip, import_dense  # noqa: E402
+
+ORDERS = ("reading", "reversed", "shuffled")
+CONTENT_WORDS = set(task.COLORS) | set(task.SHAPES) | {"empty"}
+
+
+def load_dense(folder: str, built: dict, work: str, device: str):
+    """The exported model with its CLIP rebuilt where its config names it; the Config of the
+    run that built it (`built`: that run's results.json "config")."""
+    names = {f.name for f in fields(Config)}
+    cfg = replace(Config(**{k: v for k, v in built.items() if k in names}), device=device, precision="fp32")
+    dense_dir = os.path.join(work, "llava-dense")
+    os.makedirs(work, exist_ok=True)
+    import_dense(folder, dense_dir, {}, print, cfg)
+    with open(os.path.join(dense_dir, "config.json"), encoding="utf-8") as handle:
+        build_study_clip(cfg, json.load(handle)["mm_vision_tower"])
+    return cfg, Evaluator(cfg, [], "", print).load(dense_dir)
+
+
+def label_hits(loaded, image, pairs, device: str):
+    """Teacher-forced top-1 hits of every answer token, one list of (token, hit) per turn."""
+    import torch
+
+    from llava import conversation
+    from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+    from llava.mm_utils import process_images
+    from llava.train.train import preprocess
+
+    tokenizer, model, processor = loaded
+    conversation.default_conversation = conversation.conv_templates["v1"]
+    data = preprocess([task._record("x", "x", pairs)["conversations"]], tokenizer, has_image=True)
+    ids, labels = data["input_ids"], data["labels"][0]
+    pixels = process_images([image], processor, model.config).to(device, model.dtype)
+    with torch.inference_mode():
+        logits = model(input_ids=ids.to(device), images=pixels, image_sizes=[image.size]).logits[0].cpu()
+    at = int((ids[0] == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
+    n_visual = logits.shape[0] - ids.shape[1] + 1
+    labels = torch.cat([labels[:at], torch.full((n_visual,), IGNORE_INDEX), labels[at + 1:]])[1:]
+    hits = logits[:-1].argmax(-1) == labels
+    turns, turn = [], []
+    for position in (labels != IGNORE_INDEX).nonzero()[:, 0].tolist():
+        token = int(labels[position])
+        turn.append((tokenizer.convert_ids_to_tokens(token).lstrip("▁"), bool(hits[position])))
+        if token == tokenizer.eos_token_id:
+            turns.append(turn)
+            turn = []
+    return turns
+
+
+def content_hits(turn) -> list:
+    return [hit for token, hit in turn if token and any(word.startswith(token) for word in CONTENT_WORDS)]
+
+
+def reading(loaded, cfg: Config, images: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    per_turn = [[] for _ in range(cfg.turns)]
+    caption = {f"{order}, {place}": [] for order in ORDERS for place in ("last", "first")}
+    for _ in range(images):
+        scene = task.random_scene(rng, cfg.image_size, cfg.empty_prob)
+        image = task.draw_scene(scene)
+        questions = [task.make_question(rng, scene, t)[:2]
+                     for t in task.type_cycle(rng, cfg.turns, task.DEFAULT_TRAIN_MIX)]
+        for order in ORDERS:
+            cells = {"reading": list(range(9)), "reversed": list(range(8, -1, -1)),
+                     "shuffled": rng.sample(range(9), 9)}[order]
+            described = (task.DESCRIBE, task.caption(scene, cells))
+            turns = label_hits(loaded, image, questions + [described], cfg.device)
+            caption[f"{order}, last"] += content_hits(turns[-1])
+            if order == "reading":
+                for k in range(cfg.turns):
+                    per_turn[k].append(turns[k][0][1])
+            caption[f"{order}, first"] += content_hits(label_hits(loaded, image, [described], cfg.device)[-1])
+    answers = [hit for turn in per_turn for hit in turn]
+    return {"images": images,
+            "answer_first_token_top1": sum(answers) / len(answers),
+            "answer_top1_per_turn": [round(sum(t) / len(t), 4) for t in per_turn],
+            "caption_content_top1": {k: round(sum(v) / len(v), 4) for k, v in caption.items()},
+            "caption_content_tokens": {k: len(v) for k, v in caption.items()}}
+
+
+def pruning(loaded, cfg: Config, work: str, questions: int, retain: int, seed: int) -> dict:
+    paths = task.write_splits(os.path.join(work, "diagnose-data"), size=cfg.image_size, n_train=0,
+                              n_test_images=max(1, questions // len(task.QUESTION_TYPES)), n_test=questions,
+                              seed=seed, empty_prob=cfg.empty_prob)
+    with open(paths["test"], encoding="utf-8") as handle:
+        records = json.load(handle)
+    folder = paths["image_folder"]
+    evaluator = Evaluator(replace(cfg, eval_batch=min(cfg.eval_batch, 25)), records, folder, print)
+    results = {}
+    for method in ("dense",) + METHODS:
+        entry = evaluator.evaluate(loaded, method, None if method == "dense" else retain)
+        results[method] = {k: entry[k] for k in ("accuracy", "per_type", "kept_in_region", "top_answers")
+                           if k in entry}
+        print(method, json.dumps(results[method]), flush=True)
+    return {"questions": questions, "retain": retain, "methods": results}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dense_from", required=True, help="folder with dense.tar.part* and results.json")
+    parser.add_argument("--work", required=True, help="scratch folder (the model is unpacked here)")
+    parser.add_argument("--out", required=True, help="JSON file for the results")
+    parser.add_argument("--images", type=int, default=24, help="scenes for the reading probe")
+    parser.add_argument("--questions", type=int, default=200, help="questions for the pruning probe")
+    parser.add_argument("--retain", type=int, default=64, choices=BUDGETS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=99)
+    args = parser.parse_args(argv)
+    for flag in ("images", "questions"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} {getattr(args, flag)}: expected at least 1")
+
+    import torch
+
+    torch.manual_seed(args.seed)
+    with open(os.path.join(args.dense_from, "results.json"), encoding="utf-8") as handle:
+        exported = json.load(handle)
+    cfg, loaded = load_dense(args.dense_from, exported["config"], os.path.abspath(args.work), args.device)
+    report = {"command": "python benchmarks/fidelity/diagnose.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "model": exported.get("note"),
+              "reading": reading(loaded, cfg, args.images, args.seed),
+              "pruning": pruning(loaded, cfg, os.path.abspath(args.work), args.questions, args.retain, args.seed)}
+    with open(args.out, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=1)
+    print(json.dumps(report["reading"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
