@@ -227,7 +227,7 @@ def test_diagnosis_of_an_exported_model(tmp_path):
     and method; the share of kept tokens in the question's region does not depend on how the
     questions are batched."""
     import diagnose
-    from run_study import METHODS, Evaluator
+    from run_study import METHODS, Evaluator, built_config
 
     exported, work = tmp_path / "exported", tmp_path / "work"
     proc = subprocess.run([sys.executable, os.path.join(STUDY, "run_study.py"), "--preset", "smoke", "--work",
@@ -240,7 +240,8 @@ def test_diagnosis_of_an_exported_model(tmp_path):
     report = json.loads(out.read_text())
     reading = report["reading"]
     assert len(reading["answer_top1_per_turn"]) == 3  # the smoke preset's turns
-    assert set(reading["caption_content_top1"]) == {f"{o}, {p}" for o in diagnose.ORDERS for p in ("last", "first")}
+    assert set(reading["caption_content_top1"]) == {f"{o}, {p}" for o in ("reading", "reversed", "shuffled")
+                                                    for p in ("last", "first")}
     assert all(n >= 2 * 9 for n in reading["caption_content_tokens"].values())  # a color or empty word per cell
     methods = report["pruning"]["methods"]
     assert set(methods) == {"dense", *METHODS} and "kept_in_region" not in methods["dense"]
@@ -248,7 +249,7 @@ def test_diagnosis_of_an_exported_model(tmp_path):
         assert all(0.0 <= v <= 1.0 for v in methods[method]["kept_in_region"].values())
         assert sum(n for _, n in methods[method]["top_answers"]["color"]) >= 1
 
-    built = json.loads((exported / "results.json").read_text())["config"]
+    built = built_config(json.loads((exported / "results.json").read_text()))
     cfg, loaded = diagnose.load_dense(str(exported), built, str(tmp_path / "again"), "cpu")
     records = json.loads((work / "data" / "test.json").read_text())
     shares = [Evaluator(replace(cfg, eval_batch=batch), records, str(work / "data" / "images"), print)

@@ -28,15 +28,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import task  # noqa: E402
-from run_study import BUDGETS, METHODS, Config, Evaluator, build_study_clip, import_dense  # noqa: E402
+from run_study import BUDGETS, METHODS, Config, Evaluator, build_study_clip, built_config, import_dense  # noqa: E402
 
-ORDERS = ("reading", "reversed", "shuffled")
 CONTENT_WORDS = set(task.COLORS) | set(task.SHAPES) | {"empty"}
 
 
 def load_dense(folder: str, built: dict, work: str, device: str):
     """The exported model with its CLIP rebuilt where its config names it; the Config of the
-    run that built it (`built`: that run's results.json "config")."""
+    run that built it (`built`: `run_study.built_config` of that run's results.json)."""
     names = {f.name for f in fields(Config)}
     cfg = replace(Config(**{k: v for k, v in built.items() if k in names}), device=device, precision="fp32")
     dense_dir = os.path.join(work, "llava-dense")
@@ -84,22 +83,22 @@ def content_hits(turn) -> list:
 def reading(loaded, cfg: Config, images: int, seed: int) -> dict:
     rng = random.Random(seed)
     per_turn = [[] for _ in range(cfg.turns)]
-    caption = {f"{order}, {place}": [] for order in ORDERS for place in ("last", "first")}
+    caption = {}  # "order, place" -> hits
     for _ in range(images):
         scene = task.random_scene(rng, cfg.image_size, cfg.empty_prob)
         image = task.draw_scene(scene)
         questions = [task.make_question(rng, scene, t)[:2]
                      for t in task.type_cycle(rng, cfg.turns, task.DEFAULT_TRAIN_MIX)]
-        for order in ORDERS:
-            cells = {"reading": list(range(9)), "reversed": list(range(8, -1, -1)),
-                     "shuffled": rng.sample(range(9), 9)}[order]
+        orders = {"reading": list(range(9)), "reversed": list(range(8, -1, -1)), "shuffled": rng.sample(range(9), 9)}
+        for order, cells in orders.items():
             described = (task.DESCRIBE, task.caption(scene, cells))
             turns = label_hits(loaded, image, questions + [described], cfg.device)
-            caption[f"{order}, last"] += content_hits(turns[-1])
+            caption.setdefault(f"{order}, last", []).extend(content_hits(turns[-1]))
             if order == "reading":
                 for k in range(cfg.turns):
                     per_turn[k].append(turns[k][0][1])
-            caption[f"{order}, first"] += content_hits(label_hits(loaded, image, [described], cfg.device)[-1])
+            first = label_hits(loaded, image, [described], cfg.device)[-1]
+            caption.setdefault(f"{order}, first", []).extend(content_hits(first))
     answers = [hit for turn in per_turn for hit in turn]
     return {"images": images,
             "answer_first_token_top1": sum(answers) / len(answers),
@@ -145,7 +144,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     with open(os.path.join(args.dense_from, "results.json"), encoding="utf-8") as handle:
         exported = json.load(handle)
-    cfg, loaded = load_dense(args.dense_from, exported["config"], os.path.abspath(args.work), args.device)
+    cfg, loaded = load_dense(args.dense_from, built_config(exported), os.path.abspath(args.work), args.device)
     report = {"command": "python benchmarks/fidelity/diagnose.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": exported.get("note"),
               "reading": reading(loaded, cfg, args.images, args.seed),

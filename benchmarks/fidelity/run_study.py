@@ -887,6 +887,12 @@ MODEL_FIELDS = ("image_size", "clip_hidden", "clip_layers", "clip_position", "cl
                 "layers", "heads", "intermediate", "vocab", "seed", "caption_turn", "shuffled_captions")
 
 
+def built_config(report: dict) -> dict:
+    """The Config fields a run's report names; runs 1-2 predate the position and caption-order
+    choices (random positions, ordered captions)."""
+    return {"clip_position": "random", "shuffled_captions": 0.0, **(report.get("config") or {})}
+
+
 def import_dense(folder: str, dense_dir: str, report: dict, log: Log, cfg: Config) -> None:
     """Unpack dense.tar.part* from `folder` into `dense_dir`; carry over the earlier report's
     training record (results.json beside the parts), which must name the same model settings."""
@@ -901,8 +907,7 @@ def import_dense(folder: str, dense_dir: str, report: dict, log: Log, cfg: Confi
                                 "report beside its parts (it names the settings the model was built with)")
     with open(earlier, encoding="utf-8") as handle:
         previous = json.load(handle)
-    # Runs 1-2 predate the position and caption-order choices: random positions, ordered captions.
-    built = {"clip_position": "random", "shuffled_captions": 0.0, **(previous.get("config") or {})}
+    built = built_config(previous)
     differ = {k: (built[k], v) for k, v in asdict(cfg).items() if k in MODEL_FIELDS and k in built and built[k] != v}
     if differ:
         raise ValueError(f"dense_from={folder!r} was built with other settings than this run "
