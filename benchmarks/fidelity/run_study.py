@@ -775,8 +775,8 @@ def train_dense(cfg: Config, paths: dict, work: str, log: Log, report: dict, tra
 
     import models
 
-    tokenizer = models.build_tokenizer(os.path.join(work, "tokenizer"), task.tokenizer_corpus(any_order=cfg.shuffled_captions > 0),
-                                       vocab_size=cfg.vocab)
+    corpus = task.tokenizer_corpus(any_order=cfg.shuffled_captions > 0)
+    tokenizer = models.build_tokenizer(os.path.join(work, "tokenizer"), corpus, vocab_size=cfg.vocab)
     base = models.build_llm(os.path.join(work, "llm-base"), tokenizer, hidden=cfg.hidden, layers=cfg.layers,
                             heads=cfg.heads, intermediate=cfg.intermediate, seed=cfg.seed)
     log(f"built tokenizer ({len(tokenizer)} tokens), CLIP and random LLM")
