@@ -93,14 +93,14 @@ def build_clip(out_dir: str, *, image_size: int = 336, patch_size: int = 14, hid
 
 
 def build_llm(out_dir: str, tokenizer, *, hidden: int, layers: int, heads: int, intermediate: int,
-              seed: int = 0) -> str:
+              rope_theta: float = 10000.0, seed: int = 0) -> str:
     """A random Llama (the LLM to train from scratch), saved with its tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id,
+                         max_position_embeddings=2048, rope_theta=rope_theta, rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config)

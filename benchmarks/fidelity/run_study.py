@@ -96,6 +96,10 @@ class Config:
     heads: int = 8
     intermediate: int = 1024
     vocab: int = 600
+    # RoPE base. Only a head's slowly turning pairs (< 90 degrees across 576 positions) can match
+    # content over the whole image: at 10^4, 5 of a 32-wide head's 16 pairs, 22 of a 7B's 64;
+    # at 10^6, 9 of 16; a 64-wide head has 11 of 32 at 10^4 and 18 at 10^6.
+    rope_theta: float = 10000.0
     # training
     batch: int = 32
     pretrain_steps: int = 60
@@ -778,7 +782,8 @@ def train_dense(cfg: Config, paths: dict, work: str, log: Log, report: dict, tra
     corpus = task.tokenizer_corpus(any_order=cfg.shuffled_captions > 0)
     tokenizer = models.build_tokenizer(os.path.join(work, "tokenizer"), corpus, vocab_size=cfg.vocab)
     base = models.build_llm(os.path.join(work, "llm-base"), tokenizer, hidden=cfg.hidden, layers=cfg.layers,
-                            heads=cfg.heads, intermediate=cfg.intermediate, seed=cfg.seed)
+                            heads=cfg.heads, intermediate=cfg.intermediate, rope_theta=cfg.rope_theta,
+                            seed=cfg.seed)
     log(f"built tokenizer ({len(tokenizer)} tokens), CLIP and random LLM")
 
     # 3. projector pretraining (dense, plain upstream) -- and the locality probe meanwhile
@@ -884,13 +889,14 @@ def export_dense(dense_dir: str, out: str, log: Log) -> None:
 # The settings an exported dense model depends on (the CLIP and the training data are
 # rebuilt, not exported).
 MODEL_FIELDS = ("image_size", "clip_hidden", "clip_layers", "clip_position", "clip_pos_scale", "hidden",
-                "layers", "heads", "intermediate", "vocab", "seed", "caption_turn", "shuffled_captions")
+                "layers", "heads", "intermediate", "vocab", "rope_theta", "seed", "caption_turn", "shuffled_captions")
 
 
 def built_config(report: dict) -> dict:
     """The Config fields a run's report names; runs 1-2 predate the position and caption-order
-    choices (random positions, ordered captions)."""
-    return {"clip_position": "random", "shuffled_captions": 0.0, **(report.get("config") or {})}
+    choices (random positions, ordered captions), runs 1-4 the RoPE base (10^4)."""
+    return {"clip_position": "random", "shuffled_captions": 0.0, "rope_theta": 10000.0,
+            **(report.get("config") or {})}
 
 
 def import_dense(folder: str, dense_dir: str, report: dict, log: Log, cfg: Config) -> None:
