@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Dict
+from typing import Dict, Sequence
 
 import torch
 
 
-def build_tokenizer(out_dir: str, corpus, vocab_size: int = 600):
+def build_tokenizer(out_dir: str, corpus, vocab_size: int = 600, whole_words: Sequence[str] = ()):
+    """A BPE tokenizer trained on `corpus`; each of `whole_words` (after a space) is one piece."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
@@ -31,7 +32,8 @@ def build_tokenizer(out_dir: str, corpus, vocab_size: int = 600):
         sentence_iterator=iter(corpus), model_writer=buffer, model_type="bpe", vocab_size=vocab_size,
         character_coverage=1.0, byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
         remove_extra_whitespaces=False, normalization_rule_name="identity", add_dummy_prefix=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+        user_defined_symbols=["\u2581" + word for word in whole_words])
     vocab_file = os.path.join(out_dir, "tokenizer.model")
     with open(vocab_file, "wb") as handle:
         handle.write(buffer.getvalue())

@@ -83,6 +83,9 @@ class Config:
     empty_prob: float = 0.2
     caption_turn: bool = True  # training conversations end with the cell-by-cell caption
     shuffled_captions: float = 0.0  # of those captions, the share in a random cell order (run 4: 0.5)
+    # Training questions about a row or column, per cell question (the test stays balanced; the
+    # questions of every split come from one random stream, so the test's questions change too).
+    row_column_weight: float = 1.0
     # vision tower (random, frozen)
     clip_hidden: int = 256
     clip_layers: int = 2
@@ -96,6 +99,9 @@ class Config:
     heads: int = 8
     intermediate: int = 1024
     vocab: int = 600
+    # One token per cell name ("top-left" is otherwise "top", "-", "left"): run 3's model found
+    # the one single-token cell, "center", at 100% and the eight others at 33-69%.
+    cell_name_tokens: bool = False
     # RoPE base. Only a head's slowly turning pairs (< 90 degrees across 576 positions) can match
     # content over the whole image: at 10^4, 5 of a 32-wide head's 16 pairs, 22 of a 7B's 64;
     # at 10^6, 9 of 16; a 64-wide head has 11 of 32 at 10^4 and 18 at 10^6.
@@ -780,7 +786,8 @@ def train_dense(cfg: Config, paths: dict, work: str, log: Log, report: dict, tra
     import models
 
     corpus = task.tokenizer_corpus(any_order=cfg.shuffled_captions > 0)
-    tokenizer = models.build_tokenizer(os.path.join(work, "tokenizer"), corpus, vocab_size=cfg.vocab)
+    tokenizer = models.build_tokenizer(os.path.join(work, "tokenizer"), corpus, vocab_size=cfg.vocab,
+                                       whole_words=task.CELL_NAMES if cfg.cell_name_tokens else ())
     base = models.build_llm(os.path.join(work, "llm-base"), tokenizer, hidden=cfg.hidden, layers=cfg.layers,
                             heads=cfg.heads, intermediate=cfg.intermediate, rope_theta=cfg.rope_theta,
                             seed=cfg.seed)
@@ -889,13 +896,16 @@ def export_dense(dense_dir: str, out: str, log: Log) -> None:
 # The settings an exported dense model depends on (the CLIP and the training data are
 # rebuilt, not exported).
 MODEL_FIELDS = ("image_size", "clip_hidden", "clip_layers", "clip_position", "clip_pos_scale", "hidden",
-                "layers", "heads", "intermediate", "vocab", "rope_theta", "seed", "caption_turn", "shuffled_captions")
+                "layers", "heads", "intermediate", "vocab", "cell_name_tokens", "rope_theta", "seed", "caption_turn", "shuffled_captions",
+                "row_column_weight")
 
 
 def built_config(report: dict) -> dict:
     """The Config fields a run's report names; runs 1-2 predate the position and caption-order
-    choices (random positions, ordered captions), runs 1-4 the RoPE base (10^4)."""
-    return {"clip_position": "random", "shuffled_captions": 0.0, "rope_theta": 10000.0,
+    choices (random positions, ordered captions), runs 1-4 the RoPE base (10^4) and the
+    cell-name tokens (none)."""
+    return {"clip_position": "random", "shuffled_captions": 0.0, "rope_theta": 10000.0, "cell_name_tokens": False,
+            "row_column_weight": 1.0,
             **(report.get("config") or {})}
 
 
@@ -934,6 +944,14 @@ def import_dense(folder: str, dense_dir: str, report: dict, log: Log, cfg: Confi
     log(f"imported the dense model from {folder} ({len(parts)} parts)")
 
 
+def training_mix(cfg: Config) -> Optional[Dict[str, float]]:
+    if cfg.row_column_weight <= 0:
+        raise ValueError(f"row_column_weight={cfg.row_column_weight}: expected a weight > 0")
+    if cfg.row_column_weight == 1.0:
+        return None  # task.DEFAULT_TRAIN_MIX
+    return {"color": 1.0, "shape": 1.0, "row": cfg.row_column_weight, "column": cfg.row_column_weight}
+
+
 def build_study_clip(cfg: Config, out_dir: str) -> str:
     """The random frozen CLIP of `cfg` (seeded: a later call rebuilds the same one)."""
     import models
@@ -965,7 +983,8 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
     paths = task.write_splits(data_dir, size=cfg.image_size, n_train=cfg.n_train, n_test_images=cfg.n_test_images,
                               n_test=cfg.n_test, turns=cfg.turns, n_distill=cfg.n_distill, seed=cfg.seed,
                               empty_prob=cfg.empty_prob, workers=max(1, os.cpu_count() or 1),
-                              caption_turn=cfg.caption_turn, shuffled_captions=cfg.shuffled_captions)
+                              caption_turn=cfg.caption_turn, shuffled_captions=cfg.shuffled_captions,
+                              train_mix=training_mix(cfg))
     timings["data"] = round(time.time() - t, 1)
     with open(paths["test"], encoding="utf-8") as handle:
         test_records = json.load(handle)

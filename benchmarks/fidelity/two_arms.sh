@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Two runs of the study at once, one per GPU (nvidia-h200-x2), each with its own --set
 # values, then both result folders packed into one archive of < 16 MiB pieces under $OUT
-# (the device returns at most 8 files). Usage, from the repository root:
+# (the device returns at most 8 files and about 60 MB, so only the arm with the higher dense
+# accuracy keeps its exported model). Usage, from the repository root:
 #
 #   bash benchmarks/fidelity/two_arms.sh "COMMON SETS" NAME_A "SETS A" NAME_B "SETS B"
 #
@@ -20,6 +21,20 @@ CUDA_VISIBLE_DEVICES=1 python3 benchmarks/fidelity/run_study.py --preset full --
 pid_b=$!
 wait $pid_a; rc_a=$?
 wait $pid_b; rc_b=$?
+python3 - "$name_a" "$name_b" <<'PY'
+import json, os, sys
+def dense(name):
+    try:
+        with open(f"/tmp/arms/{name}/results.json") as handle:
+            return json.load(handle)["results"]["dense"]["accuracy"]
+    except (OSError, KeyError, ValueError):
+        return -1.0
+loser = min(sys.argv[1:], key=dense)
+for part in os.listdir(f"/tmp/arms/{loser}"):
+    if part.startswith("dense.tar.part"):
+        os.remove(f"/tmp/arms/{loser}/{part}")
+print("kept the exported model of", max(sys.argv[1:], key=dense))
+PY
 (cd /tmp/arms && tar cf - "$name_a" "$name_b" | split -b 15M -d - "$out/arms.tar.part")
 for name in "$name_a" "$name_b"; do
   echo "== $name"; grep -E "time budget|done finetune|dense: |ERROR" "/tmp/arms/$name/study.log"
