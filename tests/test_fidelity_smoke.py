@@ -236,7 +236,7 @@ def test_diagnosis_of_an_exported_model(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     out = tmp_path / "diagnosis.json"
     assert diagnose.main(["--dense_from", str(exported), "--work", str(tmp_path / "diag"), "--out", str(out),
-                          "--images", "2", "--questions", "8", "--retain", "64"]) == 0
+                          "--images", "2", "--questions", "8", "--retain", "64", "--cell_images", "3"]) == 0
     report = json.loads(out.read_text())
     reading = report["reading"]
     assert len(reading["answer_top1_per_turn"]) == 3  # the smoke preset's turns
@@ -248,6 +248,11 @@ def test_diagnosis_of_an_exported_model(tmp_path):
     for method in METHODS:
         assert all(0.0 <= v <= 1.0 for v in methods[method]["kept_in_region"].values())
         assert sum(n for _, n in methods[method]["top_answers"]["color"]) >= 1
+    cells = report["cells"]
+    assert sum(cells["questions_per_cell"].values()) == cells["questions"] >= 3  # every scene has a shape
+    assert set(cells["per_cell"]) <= set(task.CELL_NAMES) and all(0 <= v <= 1 for v in cells["per_cell"].values())
+    wrong = round(cells["questions"] * (1 - cells["accuracy"]))
+    assert sum(cells["wrong_answers"].values()) == wrong
 
     built = built_config(json.loads((exported / "results.json").read_text()))
     cfg, loaded = diagnose.load_dense(str(exported), built, str(tmp_path / "again"), "cpu")
@@ -255,6 +260,21 @@ def test_diagnosis_of_an_exported_model(tmp_path):
     shares = [Evaluator(replace(cfg, eval_batch=batch), records, str(work / "data" / "images"), print)
               .evaluate(loaded, "sparsevlm", 64)["kept_in_region"] for batch in (1, 5)]
     assert shares[0] == shares[1]
+
+
+def test_a_wrong_color_is_traced_to_the_cell_it_belongs_to():
+    from diagnose import wrong_answer_source
+
+    def shape(color):
+        return {"color": color, "shape": "circle"}
+
+    # top-left red, top-center blue, center green, bottom-right blue; the rest empty
+    scene = {"cells": [shape("red"), shape("blue"), None, None, shape("green"), None, None, None, shape("blue")]}
+    assert wrong_answer_source(scene, 0, "Blue.") == "neighbour_cell"  # top-center is beside top-left
+    assert wrong_answer_source(scene, 0, "green") == "other_cell"  # the center is diagonal to it
+    assert wrong_answer_source(scene, 4, "yellow") == "no_cell"
+    assert wrong_answer_source(scene, 4, "bottom-right empty") == "not_a_color"
+    assert wrong_answer_source(scene, 1, "blue") == "other_cell"  # its own color does not count
 
 
 def test_dense_from_without_parts_names_the_setting(tmp_path):
@@ -321,3 +341,91 @@ def test_sincos_positions_make_the_grid_cell_linear(tmp_path):
     assert probes["sincos"]["color_probe_accuracy"] > probes["sincos"]["color_majority_baseline"] + 0.05
     with pytest.raises(ValueError, match="position='grid'"):
         models.build_clip(str(tmp_path / "bad"), hidden=64, position="grid")
+
+
+def test_two_arms_returns_both_reports_and_the_better_arms_model(tmp_path):
+    """two_arms.sh (two settings at once on nvidia-h200-x2), here with the smoke preset on the CPU:
+    one archive with both result folders; only the arm with the higher dense accuracy keeps its
+    exported model (the device returns about 60 MB)."""
+    import tarfile
+
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "PRESET": "smoke", "SCRATCH": str(tmp_path), "STAGGER_S": "0"}
+    proc = subprocess.run(["bash", os.path.join(STUDY, "two_arms.sh"), "stop_after=dense", "a", "", "b",
+                           "rope_theta=1000000"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    archive = tmp_path / "arms.tar"
+    with open(archive, "wb") as whole:
+        for part in sorted(out.iterdir()):
+            assert part.name.startswith("arms.tar.part") and part.stat().st_size <= 15 * 2 ** 20
+            whole.write(part.read_bytes())
+    back = tmp_path / "back"
+    with tarfile.open(archive) as tar:
+        tar.extractall(back)
+    reports = {arm: json.loads((back / arm / "results.json").read_text()) for arm in "ab"}
+    assert reports["a"]["config"]["rope_theta"] == 10000.0 and reports["b"]["config"]["rope_theta"] == 1e6
+    with_model = [arm for arm in "ab" if any(p.name.startswith("dense.tar.part") for p in (back / arm).iterdir())]
+    assert with_model == [max("ab", key=lambda arm: reports[arm]["results"]["dense"]["accuracy"])]
+
+
+def test_llm_and_tokenizer_settings_reach_the_built_model(tmp_path):
+    import models
+
+    corpus = task.tokenizer_corpus(n_scenes=40)
+    plain = models.build_tokenizer(str(tmp_path / "plain"), corpus, vocab_size=400)
+    whole = models.build_tokenizer(str(tmp_path / "whole"), corpus, vocab_size=400, whole_words=task.CELL_NAMES)
+    question = "What color is the shape in the top-left cell?"
+    assert "▁top-left" not in plain.tokenize(question)
+    assert "▁top-left" in whole.tokenize(question)
+    for name in task.CELL_NAMES:
+        assert whole.tokenize(f"the {name} cell") == ["▁the", f"▁{name}", "▁cell"]
+    folder = models.build_llm(str(tmp_path / "llm"), whole, hidden=32, layers=2, heads=2, intermediate=64,
+                              rope_theta=1e6)
+    assert json.loads((tmp_path / "llm" / "config.json").read_text())["rope_theta"] == 1e6 and folder
+
+
+def test_row_column_weight_shifts_the_training_mix_only(tmp_path):
+    from run_study import PRESETS, training_mix
+
+    smoke = PRESETS["smoke"]
+    assert training_mix(smoke) is None
+    assert training_mix(replace(smoke, row_column_weight=3.0)) == {"color": 1.0, "shape": 1.0, "row": 3.0,
+                                                                    "column": 3.0}
+    with pytest.raises(ValueError, match="row_column_weight=0.0: expected a weight > 0"):
+        training_mix(replace(smoke, row_column_weight=0.0))
+
+    def row_column_share(mix, folder):
+        paths = task.write_splits(str(tmp_path / folder), size=56, n_train=60, n_test_images=4, n_test=16,
+                                  turns=8, seed=3, train_mix=mix)
+        questions = [turn["value"] for record in json.loads(open(paths["train"]).read())
+                     for turn in record["conversations"] if turn["from"] == "human"]
+        test_types = [r["info"]["type"] for r in json.loads(open(paths["test"]).read())]
+        return sum(q.startswith("<image>\nIs there") or q.startswith("Is there") for q in questions) / len(questions), test_types
+
+    even, even_test = row_column_share(None, "even")
+    heavy, heavy_test = row_column_share(training_mix(replace(smoke, row_column_weight=3.0)), "heavy")
+    assert heavy > even + 0.15
+    assert sorted(heavy_test) == sorted(even_test)  # the test split stays balanced over the types
+
+
+def test_dense_from_refuses_a_model_of_another_rope_base_or_tokenizer(tmp_path):
+    """Runs 1-4 built their LLM with RoPE base 10^4 and split cell names into pieces."""
+    from run_study import PRESETS, import_dense
+
+    (tmp_path / "dense.tar.part00").write_bytes(b"")
+    (tmp_path / "results.json").write_text(json.dumps({"config": {"clip_position": "sincos", "clip_pos_scale": 1.0}}))
+    wanted = replace(PRESETS["smoke"], clip_pos_scale=1.0, rope_theta=1e6, cell_name_tokens=True)
+    with pytest.raises(ValueError) as error:
+        import_dense(str(tmp_path), str(tmp_path / "dense"), {}, print, wanted)
+    assert "'rope_theta': (10000.0, 1000000.0)" in str(error.value)
+    assert "'cell_name_tokens': (False, True)" in str(error.value)
+
+
+def test_continued_fine_tuning_is_budgeted_with_the_fine_tuning_step_time():
+    from run_study import fine_tuning_step_seconds
+
+    training = {"pretrain": {"step_seconds": 0.2}, "finetune": {"step_seconds": 0.27}}
+    assert fine_tuning_step_seconds(training) == 0.27
+    assert fine_tuning_step_seconds({**training, "finetune-continued": {"step_seconds": 0.28}}) == 0.28
+    assert fine_tuning_step_seconds({"pretrain": {"step_seconds": 0.2}}) is None

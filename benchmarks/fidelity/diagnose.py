@@ -11,7 +11,10 @@ model (the dense.tar.part* and results.json that `run_study.py --set stop_after=
    as well in every place and order; one that reads by where an item stands does not;
 2. pruning: a test split on new scenes (`task.write_splits`), evaluated as `run_study.py` does, per
    selection rule at one budget: accuracy, the share of the visual tokens reaching the last
-   layer that lie in the question's region (`kept_in_region`), the commonest answers.
+   layer that lie in the question's region (`kept_in_region`), the commonest answers;
+3. cells: dense, the color of every occupied cell of new scenes asked for, accuracy per cell
+   name, and where each wrong answer comes from: the color of a cell next to the named one
+   (a lookup that lands beside it), of another cell, of no cell, or not a color.
 
 Runs where it is started (CPU by default), the LLM in fp32; scenes come from their own seed.
 """
@@ -124,6 +127,43 @@ def pruning(loaded, cfg: Config, work: str, questions: int, retain: int, seed: i
     return {"questions": questions, "retain": retain, "methods": results}
 
 
+def wrong_answer_source(scene: dict, cell: int, prediction: str) -> str:
+    """Where a wrong color answer about `cell` comes from (see `cells`)."""
+    answer = task.normalize(prediction)
+    if answer not in task.COLORS:
+        return "not_a_color"
+    row, col = divmod(cell, 3)
+    holders = [i for i, item in enumerate(scene["cells"]) if item is not None and i != cell and item["color"] == answer]
+    if any(abs(i // 3 - row) + abs(i % 3 - col) == 1 for i in holders):
+        return "neighbour_cell"
+    return "other_cell" if holders else "no_cell"
+
+
+def cells(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
+    folder = os.path.join(work, "diagnose-cells")
+    scenes = task.make_scenes(folder, "cells", images, seed=seed + 1, size=cfg.image_size, empty_prob=cfg.empty_prob)
+    records, asked = [], []
+    for i, (name, scene) in enumerate(scenes):
+        for cell, item in enumerate(scene["cells"]):
+            if item is not None:
+                question = f"What color is the shape in the {task.CELL_NAMES[cell]} cell?"
+                records.append(task._record(f"cells-{i}-{cell}", name, [(question, item["color"])],
+                                            {"type": "color", "cell": cell}))
+                asked.append((scene, cell))
+    entry = Evaluator(replace(cfg, eval_batch=min(cfg.eval_batch, 25)), records, folder, print).evaluate(
+        loaded, "dense", None)
+    per_cell, sources = {}, {}
+    for (scene, cell), correct, prediction in zip(asked, entry["_correct"], entry["_predictions"]):
+        per_cell.setdefault(task.CELL_NAMES[cell], []).append(correct)
+        if not correct:
+            source = wrong_answer_source(scene, cell, prediction)
+            sources[source] = sources.get(source, 0) + 1
+    return {"images": images, "questions": len(records), "accuracy": entry["accuracy"],
+            "per_cell": {name: round(sum(v) / len(v), 4) for name, v in per_cell.items()},
+            "questions_per_cell": {name: len(v) for name, v in per_cell.items()},
+            "wrong_answers": dict(sorted(sources.items()))}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dense_from", required=True, help="folder with dense.tar.part* and results.json")
@@ -131,11 +171,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="JSON file for the results")
     parser.add_argument("--images", type=int, default=24, help="scenes for the reading probe")
     parser.add_argument("--questions", type=int, default=200, help="questions for the pruning probe")
+    parser.add_argument("--cell_images", type=int, default=60, help="scenes for the per-cell color probe")
     parser.add_argument("--retain", type=int, default=64, choices=BUDGETS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=99)
     args = parser.parse_args(argv)
-    for flag in ("images", "questions"):
+    for flag in ("images", "questions", "cell_images"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} {getattr(args, flag)}: expected at least 1")
 
@@ -148,10 +189,11 @@ def main(argv=None) -> int:
     report = {"command": "python benchmarks/fidelity/diagnose.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": exported.get("note"),
               "reading": reading(loaded, cfg, args.images, args.seed),
-              "pruning": pruning(loaded, cfg, os.path.abspath(args.work), args.questions, args.retain, args.seed)}
+              "pruning": pruning(loaded, cfg, os.path.abspath(args.work), args.questions, args.retain, args.seed),
+              "cells": cells(loaded, cfg, os.path.abspath(args.work), args.cell_images, args.seed)}
     with open(args.out, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=1)
-    print(json.dumps(report["reading"], indent=1))
+    print(json.dumps({k: report[k] for k in ("reading", "cells")}, indent=1))
     return 0
 
 

@@ -558,7 +558,7 @@ class Evaluator:
                                                         if tt == t).most_common(3) for t in task.QUESTION_TYPES}
         result["examples"] = [{"q": self.records[i]["conversations"][0]["value"].split("\n")[-1],
                                "answer": answers[i], "prediction": predictions[i]} for i in range(3)]
-        result["_correct"] = correct
+        result["_correct"], result["_predictions"] = correct, predictions
         return result
 
 
@@ -572,6 +572,7 @@ def write_report(out: str, report: dict) -> None:
     clean = json.loads(json.dumps(report, default=str))
     for entry in _walk_results(clean):
         entry.pop("_correct", None)
+        entry.pop("_predictions", None)
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
         json.dump(clean, handle, indent=1)
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as handle:
@@ -851,14 +852,23 @@ def train_dense(cfg: Config, paths: dict, work: str, log: Log, report: dict, tra
         ft, kill_at=deadline - _after_training(cfg) if deadline else None)
 
 
+def fine_tuning_step_seconds(training: dict) -> Optional[float]:
+    """The measured fine-tuning step time among a report's training records (not the
+    projector pretraining's, whose steps are shorter)."""
+    for stage in ("finetune-continued", "finetune"):
+        seconds = (training.get(stage) or {}).get("step_seconds")
+        if seconds:
+            return seconds
+    return None
+
+
 def continue_dense(cfg: Config, paths: dict, log: Log, report: dict, trainer: Trainer, dense_dir: str,
                    deadline: Optional[float]) -> None:
     """More fine-tuning of an imported dense model (the middle of a chain of calls): the same
     data and flags, from its weights, with the schedule restarted over this call's steps."""
     steps = cfg.finetune_steps
     if deadline:
-        earlier = (report.get("dense_training") or {}).get("training") or {}
-        step = next((s.get("step_seconds") for s in earlier.values() if s.get("step_seconds")), None) or 0.3
+        step = fine_tuning_step_seconds((report.get("dense_training") or {}).get("training") or {}) or 0.3
         left = deadline - log.elapsed() - _after_training(cfg) - 20
         steps = steps_for(left, step, cfg.finetune_steps, cfg.min_finetune_steps)
         log(f"time budget: {left:.0f}s for more fine-tuning at ~{step:.3f}s/step -> {steps} steps")
@@ -1025,9 +1035,8 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
     jobs: List = list(BUDGETS) + (["control"] if cfg.dense_control else [])
     ds_steps = cfg.distill_steps
     if deadline:
-        earlier = (report.get("dense_training") or {}).get("training") or {}
-        finetune = report["training"].get("finetune") or earlier.get("finetune") or {}
-        ft_step = finetune.get("step_seconds") or 0.2
+        ft_step = (fine_tuning_step_seconds(report["training"])
+                   or fine_tuning_step_seconds((report.get("dense_training") or {}).get("training") or {}) or 0.2)
         # Teacher pass, runs sharing the GPU and the CPU (data loading): assume 2.5 x slower.
         step = max(0.15, 2.5 * ft_step)
         waves = math.ceil(len(BUDGETS) / max(1, cfg.parallel))

@@ -7,36 +7,45 @@
 #   bash benchmarks/fidelity/two_arms.sh "COMMON SETS" NAME_A "SETS A" NAME_B "SETS B"
 #
 # Unpack here with: cat arms.tar.part* | tar x   (gives NAME_A/ and NAME_B/)
+# PRESET (default full) and SCRATCH (default /tmp) let the CPU test run it with the smoke preset.
 set -u
 common=$1; name_a=$2; sets_a=$3; name_b=$4; sets_b=$5
 out=${OUT:?set OUT}
-# shellcheck disable=SC2086  # the --set values are split into words on purpose
-CUDA_VISIBLE_DEVICES=0 python3 benchmarks/fidelity/run_study.py --preset full --out "/tmp/arms/$name_a" \
-  --work "/tmp/work_$name_a" --set $common $sets_a >"/tmp/arms_$name_a.txt" 2>&1 &
+preset=${PRESET:-full}
+scratch=${SCRATCH:-/tmp}
+arms="$scratch/arms"
+run_arm() {  # name, GPU, sets
+  # shellcheck disable=SC2086  # the --set values are split into words on purpose
+  CUDA_VISIBLE_DEVICES=$2 python3 benchmarks/fidelity/run_study.py --preset "$preset" --out "$arms/$1" \
+    --work "$scratch/work_$1" --set $common $3 >"$scratch/arms_$1.txt" 2>&1
+}
+run_arm "$name_a" 0 "$sets_a" &
 pid_a=$!
-sleep 20  # the two data stages compete for the same cores less
-# shellcheck disable=SC2086
-CUDA_VISIBLE_DEVICES=1 python3 benchmarks/fidelity/run_study.py --preset full --out "/tmp/arms/$name_b" \
-  --work "/tmp/work_$name_b" --set $common $sets_b >"/tmp/arms_$name_b.txt" 2>&1 &
+sleep "${STAGGER_S:-20}"  # the two data stages compete for the same cores less
+run_arm "$name_b" 1 "$sets_b" &
 pid_b=$!
 wait $pid_a; rc_a=$?
 wait $pid_b; rc_b=$?
-python3 - "$name_a" "$name_b" <<'PY'
+python3 - "$arms" "$name_a" "$name_b" <<'PY'
 import json, os, sys
+arms, names = sys.argv[1], sys.argv[2:]
 def dense(name):
     try:
-        with open(f"/tmp/arms/{name}/results.json") as handle:
+        with open(os.path.join(arms, name, "results.json")) as handle:
             return json.load(handle)["results"]["dense"]["accuracy"]
     except (OSError, KeyError, ValueError):
         return -1.0
-loser = min(sys.argv[1:], key=dense)
-for part in os.listdir(f"/tmp/arms/{loser}"):
-    if part.startswith("dense.tar.part"):
-        os.remove(f"/tmp/arms/{loser}/{part}")
-print("kept the exported model of", max(sys.argv[1:], key=dense))
+best = max(names, key=dense)
+for name in names:
+    if name != best and os.path.isdir(os.path.join(arms, name)):
+        for part in os.listdir(os.path.join(arms, name)):
+            if part.startswith("dense.tar.part"):
+                os.remove(os.path.join(arms, name, part))
+print("kept the exported model of", best)
 PY
-(cd /tmp/arms && tar cf - "$name_a" "$name_b" | split -b 15M -d - "$out/arms.tar.part")
+(cd "$arms" && tar cf - "$name_a" "$name_b" | split -b 15M -d - "$out/arms.tar.part")
 for name in "$name_a" "$name_b"; do
-  echo "== $name"; grep -E "time budget|done finetune|dense: |ERROR" "/tmp/arms/$name/study.log"
+  echo "== $name"; grep -E "time budget|done finetune|dense: |ERROR" "$arms/$name/study.log"
 done
 echo "exit codes: $name_a=$rc_a $name_b=$rc_b"
+[ "$rc_a" = 0 ] && [ "$rc_b" = 0 ]
