@@ -429,3 +429,17 @@ def test_continued_fine_tuning_is_budgeted_with_the_fine_tuning_step_time():
     assert fine_tuning_step_seconds(training) == 0.27
     assert fine_tuning_step_seconds({**training, "finetune-continued": {"step_seconds": 0.28}}) == 0.28
     assert fine_tuning_step_seconds({"pretrain": {"step_seconds": 0.2}}) is None
+
+
+def test_the_fine_tuning_budget_takes_a_given_step_time(tmp_path, capsys):
+    from run_study import main
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, os.path.join(STUDY, "run_study.py"), "--preset", "smoke", "--out", str(out),
+                           "--work", str(tmp_path / "work"), "--set", "time_budget=300", "finetune_step_seconds=0.5",
+                           "stop_after=dense"], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "for fine-tuning at ~0.500s/step" in (out / "study.log").read_text()
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "bad"), "--set", "finetune_step_seconds=-1"])
+    assert "--set finetune_step_seconds=-1.0: expected seconds >= 0" in capsys.readouterr().err

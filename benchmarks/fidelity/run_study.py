@@ -132,6 +132,9 @@ class Config:
     seed: int = 0
     # budgeting (seconds; 0 = fixed step counts)
     time_budget: float = 0.0
+    # Fine-tuning seconds per step for the budget (0: 1.5 x the pretraining's, which two runs
+    # sharing a machine inflate: runs 5-6 planned for 0.32-0.48 s and measured 0.29 s).
+    finetune_step_seconds: float = 0.0
     distill_time: float = 110.0
     preflight: bool = True
     stop_after: str = ""  # "dense": stop after the dense evaluation and export the dense model
@@ -746,6 +749,8 @@ def main(argv=None) -> int:
             parser.error(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(asdict(cfg))}")
         kind = type(getattr(cfg, key))
         setattr(cfg, key, (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value))
+    if cfg.finetune_step_seconds < 0:
+        parser.error(f"--set finetune_step_seconds={cfg.finetune_step_seconds}: expected seconds >= 0 (0: estimate)")
     out = os.path.abspath(args.out)
     work = os.path.abspath(args.work or os.path.join(out, "work"))
     os.makedirs(out, exist_ok=True)
@@ -819,12 +824,12 @@ def train_dense(cfg: Config, paths: dict, work: str, log: Log, report: dict, tra
     # 4. fine-tuning (dense, plain upstream)
     ft_steps = cfg.finetune_steps
     if deadline:
-        pre_step = report["training"]["pretrain"].get("step_seconds") or 0.2
         # Fine-tuning steps are longer than projector-only steps (multi-turn answers, weight
         # gradients): ~1.5 x.
+        step = cfg.finetune_step_seconds or 1.5 * (report["training"]["pretrain"].get("step_seconds") or 0.2)
         left = deadline - log.elapsed() - _after_training(cfg) - 20  # 20: start-up of the fine-tuning process
-        ft_steps = steps_for(left, 1.5 * pre_step, cfg.finetune_steps, cfg.min_finetune_steps)
-        log(f"time budget: {left:.0f}s for fine-tuning at ~{1.5 * pre_step:.3f}s/step -> {ft_steps} steps")
+        ft_steps = steps_for(left, step, cfg.finetune_steps, cfg.min_finetune_steps)
+        log(f"time budget: {left:.0f}s for fine-tuning at ~{step:.3f}s/step -> {ft_steps} steps")
     ft = trainer.start("finetune", trainer.flags(model=base, version="v1", data=paths["train"], out=dense_dir,
                                                  steps=ft_steps, lr=cfg.finetune_lr, workers=cfg.workers,
                                                  save_steps=max(50, ft_steps // 8) if deadline else 0)
@@ -868,7 +873,8 @@ def continue_dense(cfg: Config, paths: dict, log: Log, report: dict, trainer: Tr
     data and flags, from its weights, with the schedule restarted over this call's steps."""
     steps = cfg.finetune_steps
     if deadline:
-        step = fine_tuning_step_seconds((report.get("dense_training") or {}).get("training") or {}) or 0.3
+        step = (cfg.finetune_step_seconds
+                or fine_tuning_step_seconds((report.get("dense_training") or {}).get("training") or {}) or 0.3)
         left = deadline - log.elapsed() - _after_training(cfg) - 20
         steps = steps_for(left, step, cfg.finetune_steps, cfg.min_finetune_steps)
         log(f"time budget: {left:.0f}s for more fine-tuning at ~{step:.3f}s/step -> {steps} steps")
