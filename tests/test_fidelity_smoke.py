@@ -253,6 +253,8 @@ def test_diagnosis_of_an_exported_model(tmp_path):
     assert set(cells["per_cell"]) <= set(task.CELL_NAMES) and all(0 <= v <= 1 for v in cells["per_cell"].values())
     wrong = round(cells["questions"] * (1 - cells["accuracy"]))
     assert sum(cells["wrong_answers"].values()) == wrong
+    blind = cells["wrong_answer_shares_if_blind"]
+    assert not blind or abs(sum(blind.values()) - 1) < 1e-3
 
     built = built_config(json.loads((exported / "results.json").read_text()))
     cfg, loaded = diagnose.load_dense(str(exported), built, str(tmp_path / "again"), "cpu")
@@ -263,7 +265,7 @@ def test_diagnosis_of_an_exported_model(tmp_path):
 
 
 def test_a_wrong_color_is_traced_to_the_cell_it_belongs_to():
-    from diagnose import wrong_answer_source
+    from diagnose import blind_wrong_answer_sources, wrong_answer_source
 
     def shape(color):
         return {"color": color, "shape": "circle"}
@@ -275,6 +277,8 @@ def test_a_wrong_color_is_traced_to_the_cell_it_belongs_to():
     assert wrong_answer_source(scene, 4, "yellow") == "no_cell"
     assert wrong_answer_source(scene, 4, "bottom-right empty") == "not_a_color"
     assert wrong_answer_source(scene, 1, "blue") == "other_cell"  # its own color does not count
+    # blind to place, a wrong answer about top-left is blue, green or blue (the other cells' colors)
+    assert blind_wrong_answer_sources([(scene, 0)]) == {"neighbour_cell": round(2 / 3, 4), "other_cell": round(1 / 3, 4)}
 
 
 def test_dense_from_without_parts_names_the_setting(tmp_path):

@@ -14,7 +14,8 @@ model (the dense.tar.part* and results.json that `run_study.py --set stop_after=
    layer that lie in the question's region (`kept_in_region`), the commonest answers;
 3. cells: dense, the color of every occupied cell of new scenes asked for, accuracy per cell
    name, and where each wrong answer comes from: the color of a cell next to the named one
-   (a lookup that lands beside it), of another cell, of no cell, or not a color.
+   (a lookup that lands beside it), of another cell, of no cell, or not a color; beside it the
+   shares a lookup blind to place would give (another cell's color, drawn uniformly).
 
 Runs where it is started (CPU by default), the LLM in fp32; scenes come from their own seed.
 """
@@ -139,6 +140,22 @@ def wrong_answer_source(scene: dict, cell: int, prediction: str) -> str:
     return "other_cell" if holders else "no_cell"
 
 
+def blind_wrong_answer_sources(asked) -> dict:
+    """Where wrong answers would come from if each were the color of another occupied cell of a
+    different color, drawn uniformly: the share to hold `cells`' counts against (a neighbour's
+    color is also that of some other cell now and then, and neighbour wins the tie)."""
+    shares = {}
+    for scene, cell in asked:
+        answer = scene["cells"][cell]["color"]
+        colors = [item["color"] for i, item in enumerate(scene["cells"])
+                  if item is not None and i != cell and item["color"] != answer]
+        for color in colors:
+            source = wrong_answer_source(scene, cell, color)
+            shares[source] = shares.get(source, 0.0) + 1 / len(colors)
+    total = sum(shares.values())
+    return {source: round(n / total, 4) for source, n in sorted(shares.items())}
+
+
 def cells(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
     folder = os.path.join(work, "diagnose-cells")
     scenes = task.make_scenes(folder, "cells", images, seed=seed + 1, size=cfg.image_size, empty_prob=cfg.empty_prob)
@@ -161,7 +178,8 @@ def cells(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
     return {"images": images, "questions": len(records), "accuracy": entry["accuracy"],
             "per_cell": {name: round(sum(v) / len(v), 4) for name, v in per_cell.items()},
             "questions_per_cell": {name: len(v) for name, v in per_cell.items()},
-            "wrong_answers": dict(sorted(sources.items()))}
+            "wrong_answers": dict(sorted(sources.items())),
+            "wrong_answer_shares_if_blind": blind_wrong_answer_sources(asked)}
 
 
 def main(argv=None) -> int:
