@@ -279,6 +279,18 @@ def test_a_wrong_color_is_traced_to_the_cell_it_belongs_to():
     assert wrong_answer_source(scene, 1, "blue") == "other_cell"  # its own color does not count
     # blind to place, a wrong answer about top-left is blue, green or blue (the other cells' colors)
     assert blind_wrong_answer_sources([(scene, 0)]) == {"neighbour_cell": round(2 / 3, 4), "other_cell": round(1 / 3, 4)}
+    assert blind_wrong_answer_sources([]) == {}
+
+
+def test_diagnosis_refuses_a_seed_that_draws_training_scenes(tmp_path, capsys):
+    import diagnose
+
+    (tmp_path / "results.json").write_text(json.dumps({"config": {"seed": 5}}))
+    with pytest.raises(SystemExit):
+        diagnose.main(["--dense_from", str(tmp_path), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "d.json"),
+                       "--seed", "4"])
+    assert "--seed 4: the per-cell probe would draw the exporting run's training scenes" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
 
 
 def test_dense_from_without_parts_names_the_setting(tmp_path):
@@ -355,9 +367,17 @@ def test_two_arms_returns_both_reports_and_the_better_arms_model(tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OUT": str(out), "PRESET": "smoke", "SCRATCH": str(tmp_path), "STAGGER_S": "0"}
-    proc = subprocess.run(["bash", os.path.join(STUDY, "two_arms.sh"), "stop_after=dense", "a", "", "b",
-                           "rope_theta=1000000"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "OUT": str(out), "PRESET": "smoke", "SCRATCH": str(tmp_path), "STAGGER_S": "0",
+           "PYTHON": sys.executable}
+    script = os.path.join(STUDY, "two_arms.sh")
+    for args, message in ((["stop_after=dense", "a", "", "b"], "expected 5 arguments, got 4"),
+                          (["stop_after=dense", "a", "", "a", ""], "NAME_A and NAME_B are both 'a'"),
+                          (["stop_after=dense", "a/b", "", "c", ""], "arm name 'a/b'")):
+        proc = subprocess.run(["bash", script, *args], env=env, cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not list(out.iterdir())
+    proc = subprocess.run(["bash", script, "stop_after=dense", "a", "", "b", "rope_theta=1000000"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     archive = tmp_path / "arms.tar"
     with open(archive, "wb") as whole:
@@ -371,6 +391,30 @@ def test_two_arms_returns_both_reports_and_the_better_arms_model(tmp_path):
     assert reports["a"]["config"]["rope_theta"] == 10000.0 and reports["b"]["config"]["rope_theta"] == 1e6
     with_model = [arm for arm in "ab" if any(p.name.startswith("dense.tar.part") for p in (back / arm).iterdir())]
     assert with_model == [max("ab", key=lambda arm: reports[arm]["results"]["dense"]["accuracy"])]
+
+
+def test_keep_best_export_keeps_the_best_exported_model_only(tmp_path):
+    from run_study import keep_best_export
+
+    def arm(name, accuracy=None, parts=2):
+        folder = tmp_path / name
+        folder.mkdir()
+        if accuracy is not None:
+            (folder / "results.json").write_text(json.dumps({"results": {"dense": {"accuracy": accuracy}}}))
+        for index in range(parts):
+            (folder / f"dense.tar.part{index:02d}").write_bytes(b"x")
+        return folder
+
+    def exported(name):
+        return sorted(p.name for p in (tmp_path / name).iterdir() if p.name.startswith("dense.tar.part"))
+
+    arm("low", 0.4), arm("high", 0.5), arm("broken"), arm("unexported", 0.9, parts=0)
+    assert keep_best_export(str(tmp_path), ["low", "high", "broken", "unexported", "missing"]) == "high"
+    assert exported("high") == ["dense.tar.part00", "dense.tar.part01"]
+    assert exported("low") == exported("broken") == [] and (tmp_path / "low" / "results.json").exists()
+    arm("tie_a", 0.5), arm("tie_b", 0.5)
+    assert keep_best_export(str(tmp_path), ["tie_a", "tie_b"]) == "tie_a" and exported("tie_b") == []
+    assert keep_best_export(str(tmp_path), ["unexported", "missing"]) is None
 
 
 def test_llm_and_tokenizer_settings_reach_the_built_model(tmp_path):
@@ -401,16 +445,16 @@ def test_row_column_weight_shifts_the_training_mix_only(tmp_path):
 
     def row_column_share(mix, folder):
         paths = task.write_splits(str(tmp_path / folder), size=56, n_train=60, n_test_images=4, n_test=16,
-                                  turns=8, seed=3, train_mix=mix)
+                                  n_distill=12, turns=8, seed=3, train_mix=mix)
         questions = [turn["value"] for record in json.loads(open(paths["train"]).read())
                      for turn in record["conversations"] if turn["from"] == "human"]
-        test_types = [r["info"]["type"] for r in json.loads(open(paths["test"]).read())]
-        return sum(q.startswith("<image>\nIs there") or q.startswith("Is there") for q in questions) / len(questions), test_types
+        others = [json.loads(open(paths[split]).read()) for split in ("test", "distill")]
+        return sum(q.startswith("<image>\nIs there") or q.startswith("Is there") for q in questions) / len(questions), others
 
-    even, even_test = row_column_share(None, "even")
-    heavy, heavy_test = row_column_share(training_mix(replace(smoke, row_column_weight=3.0)), "heavy")
+    even, even_others = row_column_share(None, "even")
+    heavy, heavy_others = row_column_share(training_mix(replace(smoke, row_column_weight=3.0)), "heavy")
     assert heavy > even + 0.15
-    assert sorted(heavy_test) == sorted(even_test)  # the test split stays balanced over the types
+    assert heavy_others == even_others  # the same test and distill questions, whatever the mix
 
 
 def test_dense_from_refuses_a_model_of_another_rope_base_or_tokenizer(tmp_path):
@@ -444,6 +488,13 @@ def test_the_fine_tuning_budget_takes_a_given_step_time(tmp_path, capsys):
                            "stop_after=dense"], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "for fine-tuning at ~0.500s/step" in (out / "study.log").read_text()
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path / "bad"), "--set", "finetune_step_seconds=-1"])
-    assert "--set finetune_step_seconds=-1.0: expected seconds >= 0" in capsys.readouterr().err
+    for item, message in (("finetune_step_seconds=-1", "--set finetune_step_seconds=-1.0: expected a finite number >= 0"),
+                          ("finetune_step_seconds=nan", "--set finetune_step_seconds=nan: expected a finite number"),
+                          ("rope_theta=0", "--set rope_theta=0.0: expected a finite number > 0"),
+                          ("row_column_weight=inf", "--set row_column_weight=inf: expected a finite number > 0"),
+                          ("cell_name_tokens=ture", "--set 'cell_name_tokens=ture': expected cell_name_tokens= one of"),
+                          ("heads=four", "--set 'heads=four': expected heads= a int")):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path / "bad"), "--set", item])
+        assert message in capsys.readouterr().err, item
+    assert not (tmp_path / "bad").exists()

@@ -141,9 +141,10 @@ def wrong_answer_source(scene: dict, cell: int, prediction: str) -> str:
 
 
 def blind_wrong_answer_sources(asked) -> dict:
-    """Where wrong answers would come from if each were the color of another occupied cell of a
-    different color, drawn uniformly: the share to hold `cells`' counts against (a neighbour's
-    color is also that of some other cell now and then, and neighbour wins the tie)."""
+    """For the wrongly answered (scene, cell) pairs `asked`: where their answers would come from
+    if each were the color of another occupied cell of a different color, drawn uniformly (a
+    lookup blind to place; a neighbour's color is now and then also another cell's, and
+    neighbour wins the tie). Only "neighbour_cell" and "other_cell" can come out."""
     shares = {}
     for scene, cell in asked:
         answer = scene["cells"][cell]["color"]
@@ -153,12 +154,19 @@ def blind_wrong_answer_sources(asked) -> dict:
             source = wrong_answer_source(scene, cell, color)
             shares[source] = shares.get(source, 0.0) + 1 / len(colors)
     total = sum(shares.values())
-    return {source: round(n / total, 4) for source, n in sorted(shares.items())}
+    return {source: round(n / total, 4) for source, n in sorted(shares.items())} if total else {}
+
+
+def cell_scene_seed(seed: int) -> int:
+    """The probe's scenes: odd seeds are training scenes in `task.write_splits` (2 s + 1), so
+    --seed S draws from 2 S + 3, which is the exporting run's training seed only for S = its seed - 1."""
+    return 2 * seed + 3
 
 
 def cells(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
     folder = os.path.join(work, "diagnose-cells")
-    scenes = task.make_scenes(folder, "cells", images, seed=seed + 1, size=cfg.image_size, empty_prob=cfg.empty_prob)
+    scenes = task.make_scenes(folder, "cells", images, seed=cell_scene_seed(seed), size=cfg.image_size,
+                              empty_prob=cfg.empty_prob)
     records, asked = [], []
     for i, (name, scene) in enumerate(scenes):
         for cell, item in enumerate(scene["cells"]):
@@ -169,17 +177,18 @@ def cells(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
                 asked.append((scene, cell))
     entry = Evaluator(replace(cfg, eval_batch=min(cfg.eval_batch, 25)), records, folder, print).evaluate(
         loaded, "dense", None)
-    per_cell, sources = {}, {}
+    per_cell, sources, wrong = {}, {}, []
     for (scene, cell), correct, prediction in zip(asked, entry["_correct"], entry["_predictions"]):
         per_cell.setdefault(task.CELL_NAMES[cell], []).append(correct)
         if not correct:
             source = wrong_answer_source(scene, cell, prediction)
             sources[source] = sources.get(source, 0) + 1
+            wrong.append((scene, cell))
     return {"images": images, "questions": len(records), "accuracy": entry["accuracy"],
             "per_cell": {name: round(sum(v) / len(v), 4) for name, v in per_cell.items()},
             "questions_per_cell": {name: len(v) for name, v in per_cell.items()},
             "wrong_answers": dict(sorted(sources.items())),
-            "wrong_answer_shares_if_blind": blind_wrong_answer_sources(asked)}
+            "wrong_answer_shares_if_blind": blind_wrong_answer_sources(wrong)}
 
 
 def main(argv=None) -> int:
@@ -198,12 +207,17 @@ def main(argv=None) -> int:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} {getattr(args, flag)}: expected at least 1")
 
+    with open(os.path.join(args.dense_from, "results.json"), encoding="utf-8") as handle:
+        exported = json.load(handle)
+    built = built_config(exported)
+    if cell_scene_seed(args.seed) == 2 * built.get("seed", 0) + 1:
+        parser.error(f"--seed {args.seed}: the per-cell probe would draw the exporting run's training scenes "
+                     f"(its seed is {built.get('seed', 0)}); expected any other seed")
+
     import torch
 
     torch.manual_seed(args.seed)
-    with open(os.path.join(args.dense_from, "results.json"), encoding="utf-8") as handle:
-        exported = json.load(handle)
-    cfg, loaded = load_dense(args.dense_from, built_config(exported), os.path.abspath(args.work), args.device)
+    cfg, loaded = load_dense(args.dense_from, built, os.path.abspath(args.work), args.device)
     report = {"command": "python benchmarks/fidelity/diagnose.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": exported.get("note"),
               "reading": reading(loaded, cfg, args.images, args.seed),

@@ -59,6 +59,7 @@ sys.path.insert(0, HERE)
 import task  # noqa: E402
 
 BUDGETS = (192, 128, 96, 64)
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 METHODS = ("sparsevlm", "random", "fastv_last_token", "visual_only")
 METHOD_LABELS = {
     "dense": "dense (all 576 visual tokens)",
@@ -83,8 +84,8 @@ class Config:
     empty_prob: float = 0.2
     caption_turn: bool = True  # training conversations end with the cell-by-cell caption
     shuffled_captions: float = 0.0  # of those captions, the share in a random cell order (run 4: 0.5)
-    # Training questions about a row or column, per cell question (the test stays balanced; the
-    # questions of every split come from one random stream, so the test's questions change too).
+    # Training questions about a row or column, per cell question. The distill and test splits
+    # stay the same (run 6's `cnrc`, made before that was so, had other test questions).
     row_column_weight: float = 1.0
     # vision tower (random, frozen)
     clip_hidden: int = 256
@@ -132,8 +133,9 @@ class Config:
     seed: int = 0
     # budgeting (seconds; 0 = fixed step counts)
     time_budget: float = 0.0
-    # Fine-tuning seconds per step for the budget (0: 1.5 x the pretraining's, which two runs
-    # sharing a machine inflate: runs 5-6 planned for 0.32-0.48 s and measured 0.29 s).
+    # Fine-tuning seconds per step for time_budget (0: 1.5 x the pretraining's, which two runs
+    # sharing a machine inflate: runs 5-6 planned for 0.32-0.48 s and measured 0.29 s; with
+    # continue_finetune, the earlier calls' measured fine-tuning step).
     finetune_step_seconds: float = 0.0
     distill_time: float = 110.0
     preflight: bool = True
@@ -560,7 +562,8 @@ class Evaluator:
         result["top_answers"] = {t: collections.Counter(task.normalize(p) for p, tt in zip(predictions, types)
                                                         if tt == t).most_common(3) for t in task.QUESTION_TYPES}
         result["examples"] = [{"q": self.records[i]["conversations"][0]["value"].split("\n")[-1],
-                               "answer": answers[i], "prediction": predictions[i]} for i in range(3)]
+                               "answer": answers[i], "prediction": predictions[i]}
+                              for i in range(min(3, len(predictions)))]
         result["_correct"], result["_predictions"] = correct, predictions
         return result
 
@@ -748,9 +751,21 @@ def main(argv=None) -> int:
         if key not in asdict(cfg) or not _:
             parser.error(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(asdict(cfg))}")
         kind = type(getattr(cfg, key))
-        setattr(cfg, key, (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value))
-    if cfg.finetune_step_seconds < 0:
-        parser.error(f"--set finetune_step_seconds={cfg.finetune_step_seconds}: expected seconds >= 0 (0: estimate)")
+        if kind is bool:
+            if value.lower() not in BOOL_WORDS:
+                parser.error(f"--set {item!r}: expected {key}= one of {sorted(BOOL_WORDS)}")
+            setattr(cfg, key, BOOL_WORDS[value.lower()])
+            continue
+        try:
+            setattr(cfg, key, kind(value))
+        except ValueError:
+            parser.error(f"--set {item!r}: expected {key}= a {kind.__name__}")
+    for key, lowest, strict in (("rope_theta", 0.0, True), ("row_column_weight", 0.0, True),
+                                ("finetune_step_seconds", 0.0, False)):
+        value = getattr(cfg, key)
+        if not math.isfinite(value) or value < lowest or (strict and value == lowest):
+            parser.error(f"--set {key}={value}: expected a finite number {'>' if strict else '>='} {lowest:g}"
+                         + (" (0: estimate)" if not strict else ""))
     out = os.path.abspath(args.out)
     work = os.path.abspath(args.work or os.path.join(out, "work"))
     os.makedirs(out, exist_ok=True)
@@ -909,20 +924,45 @@ def export_dense(dense_dir: str, out: str, log: Log) -> None:
     log(f"exported {dense_dir} to {archive}.part*")
 
 
+def keep_best_export(folder: str, names: List[str]) -> Optional[str]:
+    """Of the runs `names` (result folders under `folder`) that exported a dense model, the one
+    of highest dense accuracy (the first on a tie); the others' exports are deleted, since the
+    device returns about 60 MB (two_arms.sh). None when no run exported one."""
+    def parts(name: str) -> List[str]:
+        path = os.path.join(folder, name)
+        return sorted(p for p in os.listdir(path) if p.startswith("dense.tar.part")) if os.path.isdir(path) else []
+
+    def dense_accuracy(name: str) -> float:
+        try:
+            with open(os.path.join(folder, name, "results.json"), encoding="utf-8") as handle:
+                return float(json.load(handle)["results"]["dense"]["accuracy"])
+        except (OSError, KeyError, TypeError, ValueError):
+            return -1.0
+
+    exported = [name for name in names if parts(name)]
+    if not exported:
+        return None
+    best = max(exported, key=dense_accuracy)
+    for name in exported:
+        if name != best:
+            for part in parts(name):
+                os.remove(os.path.join(folder, name, part))
+    return best
+
+
 # The settings an exported dense model depends on (the CLIP and the training data are
 # rebuilt, not exported).
 MODEL_FIELDS = ("image_size", "clip_hidden", "clip_layers", "clip_position", "clip_pos_scale", "hidden",
-                "layers", "heads", "intermediate", "vocab", "cell_name_tokens", "rope_theta", "seed", "caption_turn", "shuffled_captions",
-                "row_column_weight")
+                "layers", "heads", "intermediate", "vocab", "cell_name_tokens", "rope_theta", "seed",
+                "caption_turn", "shuffled_captions", "row_column_weight")
 
 
 def built_config(report: dict) -> dict:
     """The Config fields a run's report names; runs 1-2 predate the position and caption-order
-    choices (random positions, ordered captions), runs 1-4 the RoPE base (10^4) and the
-    cell-name tokens (none)."""
-    return {"clip_position": "random", "shuffled_captions": 0.0, "rope_theta": 10000.0, "cell_name_tokens": False,
-            "row_column_weight": 1.0,
-            **(report.get("config") or {})}
+    choices (random positions, ordered captions), runs 1-4 the RoPE base (10^4), the cell-name
+    tokens (none) and the training mix (even)."""
+    return {"clip_position": "random", "shuffled_captions": 0.0, "rope_theta": 10000.0,
+            "cell_name_tokens": False, "row_column_weight": 1.0, **(report.get("config") or {})}
 
 
 def import_dense(folder: str, dense_dir: str, report: dict, log: Log, cfg: Config) -> None:

@@ -236,6 +236,20 @@ def type_cycle(rng: random.Random, k: int, weights: Dict[str, float]) -> List[st
 DEFAULT_TRAIN_MIX = {"color": 1.0, "shape": 1.0, "row": 1.0, "column": 1.0}
 
 
+def training_questions(rng: random.Random, scene: dict, turns: int, mix: Dict[str, float]) -> List[Tuple[str, str]]:
+    """`turns` different questions about `scene`, their types drawn with weights `mix`."""
+    pairs, seen = [], set()
+    for qtype in type_cycle(rng, 3 * turns, mix):
+        q, a, _ = make_question(rng, scene, qtype)
+        if q in seen:
+            continue
+        seen.add(q)
+        pairs.append((q, a))
+        if len(pairs) == turns:
+            break
+    return pairs
+
+
 def write_splits(root: str, *, size: int, n_train: int, n_test_images: int, n_test: int,
                  turns: int = 8, n_distill: int = 0, seed: int = 0, empty_prob: float = 0.2,
                  workers: int = 1, train_mix: Optional[Dict[str, float]] = None,
@@ -266,16 +280,11 @@ def write_splits(root: str, *, size: int, n_train: int, n_test_images: int, n_te
                 for i, (name, scene) in enumerate(train_scenes)]
     train = []
     order_rng = random.Random(seed + 7919)  # its own stream: the questions do not depend on it
+    mix_rng = random.Random(seed + 15485863)  # another: the distill and test questions do not depend on the mix
     for i, (name, scene) in enumerate(train_scenes):
-        pairs, seen = [], set()
-        for qtype in type_cycle(rng, 3 * turns, mix):
-            q, a, _ = make_question(rng, scene, qtype)
-            if q in seen:
-                continue
-            seen.add(q)
-            pairs.append((q, a))
-            if len(pairs) == turns:
-                break
+        pairs = training_questions(rng, scene, turns, DEFAULT_TRAIN_MIX)  # always drawn, as before the mix option
+        if mix != DEFAULT_TRAIN_MIX:
+            pairs = training_questions(mix_rng, scene, turns, mix)
         if caption_turn:
             if order_rng.random() < shuffled_captions:
                 pairs.append((DESCRIBE_ANY_ORDER, caption(scene, order_rng.sample(range(9), 9))))
