@@ -3,7 +3,6 @@ newline tokens), not from 576; presets scale to each sample's own count."""
 import pytest
 import torch
 from llava.mm_utils import process_images
-from PIL import Image
 
 import sparsevlm_patch
 from sparsevlm_patch.config import PRESET_SCHEDULES

@@ -92,7 +92,6 @@ def test_shuffled_captions_name_every_cell_once_and_leave_the_questions_alone(tm
 def test_baseline_scorers_swap_and_restore(tiny_llava):
     """Each baseline changes which visual tokens stay; the plugin's scorer comes back after."""
     from llava.mm_utils import process_images
-    from PIL import Image
 
     import sparsevlm_patch
     import sparsevlm_patch.sparse_forward as sf

@@ -1022,7 +1022,6 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
     torch.manual_seed(cfg.seed)
     if cfg.device == "cpu":
         torch.set_num_threads(cfg.cpu_threads)
-    import models
     import transformers
 
     import llava
