@@ -102,8 +102,9 @@ def build_llm(out_dir: str, tokenizer, *, hidden: int, layers: int, heads: int, 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=2048, rope_theta=rope_theta, rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         max_position_embeddings=2048, rope_theta=rope_theta, rms_norm_eps=1e-5,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id,
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     os.makedirs(out_dir, exist_ok=True)

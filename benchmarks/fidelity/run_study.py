@@ -101,7 +101,8 @@ class Config:
     intermediate: int = 1024
     vocab: int = 600
     # One token per cell name ("top-left" is otherwise "top", "-", "left"): run 3's model found
-    # the one single-token cell, "center", at 100% and the eight others at 33-69%.
+    # the one single-token cell, "center", at 100% and the eight others at 40-57%
+    # (benchmarks/results/fidelity/diagnosis.json, "cells").
     cell_name_tokens: bool = False
     # RoPE base. Only a head's slowly turning pairs (< 90 degrees across 576 positions) can match
     # content over the whole image: at 10^4, 5 of a 32-wide head's 16 pairs, 22 of a 7B's 64;
@@ -872,6 +873,11 @@ def train_dense(cfg: Config, paths: dict, work: str, log: Log, report: dict, tra
         ft, kill_at=deadline - _after_training(cfg) if deadline else None)
 
 
+def earlier_training(report: dict) -> dict:
+    """The training records of the calls that trained an imported dense model (dense_from)."""
+    return (report.get("dense_training") or {}).get("training") or {}
+
+
 def fine_tuning_step_seconds(training: dict) -> Optional[float]:
     """The measured fine-tuning step time among a report's training records (not the
     projector pretraining's, whose steps are shorter)."""
@@ -888,8 +894,7 @@ def continue_dense(cfg: Config, paths: dict, log: Log, report: dict, trainer: Tr
     data and flags, from its weights, with the schedule restarted over this call's steps."""
     steps = cfg.finetune_steps
     if deadline:
-        step = (cfg.finetune_step_seconds
-                or fine_tuning_step_seconds((report.get("dense_training") or {}).get("training") or {}) or 0.3)
+        step = cfg.finetune_step_seconds or fine_tuning_step_seconds(earlier_training(report)) or 0.3
         left = deadline - log.elapsed() - _after_training(cfg) - 20
         steps = steps_for(left, step, cfg.finetune_steps, cfg.min_finetune_steps)
         log(f"time budget: {left:.0f}s for more fine-tuning at ~{step:.3f}s/step -> {steps} steps")
@@ -1081,7 +1086,7 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
     ds_steps = cfg.distill_steps
     if deadline:
         ft_step = (fine_tuning_step_seconds(report["training"])
-                   or fine_tuning_step_seconds((report.get("dense_training") or {}).get("training") or {}) or 0.2)
+                   or fine_tuning_step_seconds(earlier_training(report)) or 0.2)
         # Teacher pass, runs sharing the GPU and the CPU (data loading): assume 2.5 x slower.
         step = max(0.15, 2.5 * ft_step)
         waves = math.ceil(len(BUDGETS) / max(1, cfg.parallel))
