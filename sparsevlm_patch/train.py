@@ -112,6 +112,19 @@ def main() -> None:
     from llava.train import train as llava_train
 
     llava_train.train()
+    close_process_group()
+
+
+def close_process_group() -> None:
+    """Upstream's `train()` returns with the launcher's process group still open. A rank that
+    finishes saving first then tears down gloo's threads while its peers still talk, which can
+    abort it at exit ("terminate called without an active exception"); wait for all ranks, then
+    close the group before the interpreter exits."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

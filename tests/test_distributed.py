@@ -69,3 +69,20 @@ def test_upstream_zero3_auto_prefetch_bucket_becomes_an_integer(tmp_path):
     zero = config.config["zero_optimization"]
     assert zero["stage3_prefetch_bucket_size"] == 3686 and isinstance(zero["stage3_prefetch_bucket_size"], int)
     assert zero["reduce_bucket_size"] == 4096 and zero["stage3_param_persistence_threshold"] == 640
+
+
+def test_train_entry_closes_the_process_group_after_upstreams_train(tmp_path, monkeypatch):
+    import torch.distributed as dist
+    from llava.train import train as llava_train
+
+    from sparsevlm_patch import train as entry
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        calls = []
+        monkeypatch.setattr(llava_train, "train", lambda: calls.append(dist.is_initialized()))
+        entry.main()
+        assert calls == [True] and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
