@@ -3,7 +3,8 @@
 A `SparseConfig` says where to prune (`pruning_layers`) and how many visual tokens
 each of those layers keeps. Counts come either from a retain budget (the paper's
 presets 192/128/96/64, defined for 576 visual tokens and scaled to each sample's own
-visual count) or from an absolute `keep_schedule` (clipped to each sample's count).
+visual count; a budget at or above that count keeps every visual token) or from an absolute
+`keep_schedule` (clipped to each sample's count).
 """
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ class SparseConfig:
         """Visual tokens kept at each pruning layer for a sample with `visual_count`."""
         if self.keep_schedule is not None:
             return tuple(min(k, visual_count) for k in self.keep_schedule)
+        if self.retain_tokens >= visual_count:
+            # The budget covers every visual token: nothing is pruned, whatever the scaled
+            # preset would say (a tower of fewer than 576 tokens, e.g. 256 at 224 px).
+            return (visual_count,) * len(self.pruning_layers)
         scale = visual_count / PRESET_VISUAL_TOKENS
         base = retain_schedule(self.retain_tokens, len(self.pruning_layers))
         return tuple(min(visual_count, int(round(k * scale))) for k in base)

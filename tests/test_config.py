@@ -45,8 +45,8 @@ def test_presets_at_576_visual_tokens(retain, counts):
     assert PRESET_SCHEDULES[retain] == counts
 
 
-@pytest.mark.parametrize("retain", [192, 128, 96, 64])
-@pytest.mark.parametrize("visual", [16, 144, 288, 577, 1152, 2880])
+@pytest.mark.parametrize("retain, visual", [(r, v) for r in (192, 128, 96, 64)
+                                             for v in (80, 144, 288, 577, 1152, 2880) if r < v])
 def test_presets_scale_with_the_visual_count(retain, visual):
     counts = make_config(retain).keep_counts(visual)
     expected = [k * visual / 576 for k in PRESET_SCHEDULES[retain]]
@@ -55,6 +55,20 @@ def test_presets_scale_with_the_visual_count(retain, visual):
         assert abs(got - want) <= 0.5 + 1e-9, (counts, expected)
         assert 0 <= got <= visual
     assert list(counts) == sorted(counts, reverse=True)
+
+
+@pytest.mark.parametrize("pruning_layers", [(2, 6, 15), (3, 9)])
+@pytest.mark.parametrize("retain, visual", [(64, 16), (200, 100), (256, 256), (300, 256), (576, 576)])
+def test_a_budget_at_or_above_the_visual_count_keeps_every_visual_token(retain, visual, pruning_layers):
+    """design.md contract 2, also for towers of other than 576 tokens (the scaled preset of
+    retain 200 at 100 tokens would keep 53, 36, 21)."""
+    counts = make_config(retain, pruning_layers=pruning_layers).keep_counts(visual)
+    assert counts == (visual,) * len(pruning_layers)
+
+
+def test_a_budget_below_the_visual_count_of_a_small_tower_still_prunes():
+    assert make_config(255).keep_counts(256) == (153, 116, 83)
+    assert make_config(64).keep_counts(256) == (29, 13, 8)
 
 
 def test_scaling_examples():
@@ -214,6 +228,7 @@ def test_bad_sparsevlm_switch():
 @pytest.mark.parametrize("env, parts", [
     ({"SPARSEVLM_RETAIN": "abc"}, ["ValueError", "SPARSEVLM_RETAIN", "'abc'"]),
     ({"SPARSEVLM": "perhaps"}, ["ValueError", "SPARSEVLM", "'perhaps'"]),
+    ({"SPARSEVLM": "0", "SPARSEVLM_LAYERS": "6,2"}, ["ValueError", "SPARSEVLM_LAYERS", "6,2"]),
 ])
 def test_bad_env_fails_at_import(env, parts):
     """`import sparsevlm_patch` validates the environment before any model runs."""

@@ -246,6 +246,27 @@ def test_nothing_pruned_equals_upstream(tiny_llava, tiny_images, settings, side)
     assert stats["recycled"][0] == [0] * len(stats["pruning_layers"])
 
 
+@pytest.mark.parametrize("retain, prunes", [(256, False), (300, False), (255, True)])
+def test_a_tower_of_256_tokens_prunes_only_below_its_count(tmp_path, tiny_images, retain, prunes):
+    """A budget at or above the visual count means upstream (contract 2) for any tower, not
+    only CLIP-336's 576 tokens; below it, the sparse forward runs."""
+    from conftest import load_tiny_llava
+    from sparsevlm_patch.tiny import build_tiny_llava
+
+    tokenizer, model, image_processor = load_tiny_llava(
+        build_tiny_llava(str(tmp_path), image_size=224, weight_scale=10.0))
+    ids = image_prompt(tokenizer, QUESTIONS[0])[None]
+    pix = pixels(model, image_processor, tiny_images[:1])
+    sparsevlm_patch.disable(model)
+    dense = forward(model, ids, images=pix, image_sizes=[tiny_images[0].size])
+    sparsevlm_patch.enable(model, retain_tokens=retain)
+    sparse = forward(model, ids, images=pix, image_sizes=[tiny_images[0].size])
+    stats = sparsevlm_patch.last_stats(model)
+    assert stats["visual_tokens"] == [256]
+    assert (stats["kept_visual"][0] != [256] * 3) == prunes
+    assert torch.equal(sparse.logits, dense.logits) != prunes
+
+
 def test_nothing_pruned_generation_equals_upstream(upstream, tiny_llava):
     model = tiny_llava[1]
     sparsevlm_patch.enable(model, keep_schedule=(576, 576, 576), recycle=False)
@@ -778,6 +799,14 @@ def test_plain_llama_in_the_same_process_is_untouched(tiny_llava, tiny_images):
     finally:
         sparsevlm_patch.apply()
     assert_bit_identical(installed, removed)
+
+
+def test_enable_on_a_plain_llama_warns_and_runs_upstream():
+    plain = tiny_plain_llama()
+    before = plain_outputs(plain)
+    with pytest.warns(UserWarning, match="LlamaForCausalLM is not a LLaVA model"):
+        sparsevlm_patch.enable(plain, retain_tokens=64, pruning_layers=(1, 2))
+    assert_bit_identical(before, plain_outputs(plain))
 
 
 # ----------------------------------------------------------------------------- labels
