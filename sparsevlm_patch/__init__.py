@@ -7,7 +7,7 @@
 """
 import sys
 
-from .config import SparseConfig, env_enabled
+from .config import SparseConfig, config_from_env, env_enabled
 from .hooks import apply, remove
 from .state import disable, enable, last_keep_mask, last_stats
 
@@ -23,5 +23,8 @@ def _runner_starting() -> bool:
     return sys.argv[:1] == ["-m"] and ("sparsevlm_patch.run" in argv or "-msparsevlm_patch.run" in argv)
 
 
-if not _runner_starting() and env_enabled():
-    apply()
+if not _runner_starting():
+    if env_enabled():
+        apply()
+    else:
+        config_from_env()  # unused while SPARSEVLM=0, but a bad value is never silently ignored

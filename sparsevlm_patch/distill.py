@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -322,8 +323,8 @@ def check_flags(args) -> None:
     make_config(_arg(args, "retain_tokens"), _arg(args, "pruning_layers"), _arg(args, "keep_schedule"),
                 _arg(args, "token_recycling"), names=FLAG_NAMES)
     weight = _arg(args, "align_loss_weight")
-    if not isinstance(weight, (int, float)) or weight < 0 or weight != weight:
-        raise ValueError(f"--align_loss_weight={weight!r} is not valid: expected a number >= 0 "
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"--align_loss_weight={weight!r} is not valid: expected a finite number >= 0 "
                          "(0 turns the teacher off)")
     teacher = _arg(args, "teacher_model_name_or_path")
     if weight == 0 and teacher:

@@ -6,6 +6,7 @@ follow the environment's configuration when the hooks are installed with SPARSEV
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -87,6 +88,9 @@ def enable(model, retain_tokens=None, pruning_layers=DEFAULT_LAYERS, recycle=Tru
     `keep_schedule`: the visual tokens kept at each pruning layer, instead of a budget."""
     from .hooks import apply
 
+    if not hasattr(unwrap(model), "get_vision_tower"):
+        warnings.warn(f"sparsevlm_patch.enable: {type(unwrap(model)).__name__} is not a LLaVA model (it has "
+                      "no vision tower, so no visual tokens to prune): it keeps running as upstream")
     inner = language_model(model)
     config = make_config(retain_tokens, pruning_layers, keep_schedule, recycle,
                          num_layers=_num_layers(inner))

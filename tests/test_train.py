@@ -86,6 +86,8 @@ def test_sparse_flags_are_in_upstreams_parser():
     (["--retain_tokens", "-3"], "--retain_tokens"),
     (["--retain_tokens", "abc"], "--retain_tokens='abc' is not a number: expected a positive number"),
     (["--align_loss_weight", "-1"], "--align_loss_weight"),
+    (["--align_loss_weight", "inf"], "--align_loss_weight=inf is not valid: expected a finite number"),
+    (["--align_loss_weight", "nan"], "--align_loss_weight=nan is not valid: expected a finite number"),
     (["--sparse", "False", "--retain_tokens", "64"], "--retain_tokens"),
     (["--align_loss_weight", "0", "--teacher_model_name_or_path", "/some/teacher"], "--teacher_model_name_or_path"),
 ])

@@ -61,7 +61,7 @@ def label_hits(loaded, image, pairs, device: str):
 
     tokenizer, model, processor = loaded
     conversation.default_conversation = conversation.conv_templates["v1"]
-    data = preprocess([task._record("x", "x", pairs)["conversations"]], tokenizer, has_image=True)
+    data = preprocess([task.llava_record("x", "x", pairs)["conversations"]], tokenizer, has_image=True)
     ids, labels = data["input_ids"], data["labels"][0]
     pixels = process_images([image], processor, model.config).to(device, model.dtype)
     with torch.inference_mode():
@@ -172,7 +172,7 @@ def cells(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
         for cell, item in enumerate(scene["cells"]):
             if item is not None:
                 question = f"What color is the shape in the {task.CELL_NAMES[cell]} cell?"
-                records.append(task._record(f"cells-{i}-{cell}", name, [(question, item["color"])],
+                records.append(task.llava_record(f"cells-{i}-{cell}", name, [(question, item["color"])],
                                             {"type": "color", "cell": cell}))
                 asked.append((scene, cell))
     entry = Evaluator(replace(cfg, eval_batch=min(cfg.eval_batch, 25)), records, folder, print).evaluate(

@@ -217,7 +217,8 @@ def make_scenes(folder: str, prefix: str, n: int, seed: int, size: int, empty_pr
     return list(zip(names, scenes))
 
 
-def _record(rid: str, image: str, pairs: Sequence[Tuple[str, str]], info=None) -> dict:
+def llava_record(rid: str, image: str, pairs: Sequence[Tuple[str, str]], info=None) -> dict:
+    """One LLaVA-format record: the image tag on the first question, then (question, answer) turns."""
     conversations = []
     for turn, (question, answer) in enumerate(pairs):
         conversations.append({"from": "human", "value": ("<image>\n" if turn == 0 else "") + question})
@@ -276,7 +277,7 @@ def write_splits(root: str, *, size: int, n_train: int, n_test_images: int, n_te
     test_scenes = make_scenes(image_dir, "test", n_test_images, seed=2 * seed + 2, size=size,
                               empty_prob=empty_prob, workers=workers)
 
-    pretrain = [_record(f"pre-{i:06d}", name, [(DESCRIBE, caption(scene))])
+    pretrain = [llava_record(f"pre-{i:06d}", name, [(DESCRIBE, caption(scene))])
                 for i, (name, scene) in enumerate(train_scenes)]
     train = []
     order_rng = random.Random(seed + 7919)  # its own stream: the questions do not depend on it
@@ -290,19 +291,19 @@ def write_splits(root: str, *, size: int, n_train: int, n_test_images: int, n_te
                 pairs.append((DESCRIBE_ANY_ORDER, caption(scene, order_rng.sample(range(9), 9))))
             else:
                 pairs.append((DESCRIBE, caption(scene)))
-        train.append(_record(f"train-{i:06d}", name, pairs))
+        train.append(llava_record(f"train-{i:06d}", name, pairs))
     distill = []
     for i in range(n_distill):
         name, scene = train_scenes[i % len(train_scenes)]
         qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
         q, a, info = make_question(rng, scene, qtype)
-        distill.append(_record(f"distill-{i:06d}", name, [(q, a)], info))
+        distill.append(llava_record(f"distill-{i:06d}", name, [(q, a)], info))
     test = []
     for i in range(n_test):
         name, scene = test_scenes[i % len(test_scenes)]
         qtype = QUESTION_TYPES[(i // len(test_scenes) + i) % len(QUESTION_TYPES)]
         q, a, info = make_question(rng, scene, qtype)
-        test.append(_record(f"test-{i:06d}", name, [(q, a)], info))
+        test.append(llava_record(f"test-{i:06d}", name, [(q, a)], info))
 
     paths = {}
     for split, records in (("pretrain", pretrain), ("train", train), ("distill", distill), ("test", test)):
