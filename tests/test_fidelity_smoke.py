@@ -226,7 +226,7 @@ def test_diagnosis_of_an_exported_model(tmp_path):
     and method; the share of kept tokens in the question's region does not depend on how the
     questions are batched."""
     import diagnose
-    from run_study import METHODS, Evaluator, built_config
+    from run_study import METHODS, PRESETS, Evaluator, built_config
 
     exported, work = tmp_path / "exported", tmp_path / "work"
     proc = subprocess.run([sys.executable, os.path.join(STUDY, "run_study.py"), "--preset", "smoke", "--work",
@@ -235,7 +235,8 @@ def test_diagnosis_of_an_exported_model(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     out = tmp_path / "diagnosis.json"
     assert diagnose.main(["--dense_from", str(exported), "--work", str(tmp_path / "diag"), "--out", str(out),
-                          "--images", "2", "--questions", "8", "--retain", "64", "--cell_images", "3"]) == 0
+                          "--images", "2", "--questions", "8", "--retain", "64", "--cell_images", "3",
+                          "--attention_images", "2"]) == 0
     report = json.loads(out.read_text())
     reading = report["reading"]
     assert len(reading["answer_top1_per_turn"]) == 3  # the smoke preset's turns
@@ -255,12 +256,39 @@ def test_diagnosis_of_an_exported_model(tmp_path):
     blind = cells["wrong_answer_shares_if_blind"]
     assert not blind or abs(sum(blind.values()) - 1) < 1e-3
 
+    assert list(report) == ["command", "model", "reading", "pruning", "cells", "attention"]
+    looked = report["attention"]
+    assert looked["questions"] >= 2 and 0 < looked["chance"] < 1
+    for key in ("answer_token", "question_tokens"):
+        mean, best = looked[key]["mean_head"], looked[key]["best_head"]
+        assert len(mean) == len(best) == PRESETS["smoke"].layers
+        assert all(0 <= m <= b <= 1 for m, b in zip(mean, best))
+
+    some = tmp_path / "some.json"
+    assert diagnose.main(["--dense_from", str(exported), "--work", str(tmp_path / "diag"), "--out", str(some),
+                          "--probes", "attention,cells", "--cell_images", "1", "--attention_images", "1"]) == 0
+    assert list(json.loads(some.read_text())) == ["command", "model", "cells", "attention"]
+
     built = built_config(json.loads((exported / "results.json").read_text()))
     cfg, loaded = diagnose.load_dense(str(exported), built, str(tmp_path / "again"), "cpu")
     records = json.loads((work / "data" / "test.json").read_text())
     shares = [Evaluator(replace(cfg, eval_batch=batch), records, str(work / "data" / "images"), print)
               .evaluate(loaded, "sparsevlm", 64)["kept_in_region"] for batch in (1, 5)]
     assert shares[0] == shares[1]
+
+
+def test_region_shares_count_only_the_attention_paid_to_the_image():
+    import torch
+    from diagnose import region_shares
+
+    attn = torch.zeros(2, 6, 6)  # 2 heads; tokens 1-4 are visual, 2 and 3 inside the region
+    attn[0, 5] = torch.tensor([0.5, 0.1, 0.2, 0.2, 0.0, 0.0])  # 0.4 of the image's 0.5 inside
+    attn[1, 5] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.25, 0.75])  # 0.25 on the image, none inside
+    attn[0, 4] = torch.tensor([0.2, 0.0, 0.4, 0.0, 0.4, 0.0])
+    attn[1, 4] = torch.tensor([0.0, 0.5, 0.0, 0.0, 0.5, 0.0])
+    inside = torch.tensor([False, True, True, False])
+    assert region_shares(attn, torch.tensor([5]), 1, inside).tolist() == pytest.approx([0.8, 0.0])
+    assert region_shares(attn, torch.tensor([4, 5]), 1, inside).tolist() == pytest.approx([0.65, 0.0])
 
 
 def test_a_wrong_color_is_traced_to_the_cell_it_belongs_to():
@@ -288,7 +316,19 @@ def test_diagnosis_refuses_a_seed_that_draws_training_scenes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         diagnose.main(["--dense_from", str(tmp_path), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "d.json"),
                        "--seed", "4"])
-    assert "--seed 4: the per-cell probe would draw the exporting run's training scenes" in capsys.readouterr().err
+    assert "--seed 4: the cells and attention probes would draw the exporting run's training scenes" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("probes", ["attention,colour", ""])
+def test_diagnosis_names_an_unknown_probe(tmp_path, capsys, probes):
+    import diagnose
+
+    with pytest.raises(SystemExit):
+        diagnose.main(["--dense_from", str(tmp_path), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "d.json"),
+                       "--probes", probes])
+    assert f"--probes {probes!r}: expected one or more of reading,pruning,cells,attention" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
 
 

@@ -15,7 +15,10 @@ model (the dense.tar.part* and results.json that `run_study.py --set stop_after=
 3. cells: dense, the color of every occupied cell of new scenes asked for, accuracy per cell
    name, and where each wrong answer comes from: the color of a cell next to the named one
    (a lookup that lands beside it), of another cell, of no cell, or not a color; beside it the
-   shares a lookup blind to place would give (another cell's color, drawn uniformly).
+   shares a lookup blind to place would give (another cell's color, drawn uniformly);
+4. attention: dense, eager attention per layer on the same kind of questions: how much of the
+   attention paid to the image lands on the asked cell, from the token that predicts the
+   answer and from the question's tokens (SparseVLM's raters), against the cell's share.
 
 Runs where it is started (CPU by default), the LLM in fp32; scenes come from their own seed.
 """
@@ -35,6 +38,7 @@ import task  # noqa: E402
 from run_study import BUDGETS, METHODS, Config, Evaluator, build_study_clip, built_config, import_dense  # noqa: E402
 
 CONTENT_WORDS = set(task.COLORS) | set(task.SHAPES) | {"empty"}
+PROBES = ("reading", "pruning", "cells", "attention")
 
 
 def load_dense(folder: str, built: dict, work: str, device: str):
@@ -191,6 +195,70 @@ def cells(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
             "wrong_answer_shares_if_blind": blind_wrong_answer_sources(wrong)}
 
 
+def region_shares(attn, rows, start: int, inside):
+    """Per head, the share of the attention that query positions `rows` pay to the visual
+    tokens (at `start`, `len(inside)` of them) that lands on those marked `inside`, averaged
+    over the rows. `attn`: one layer's probabilities [H, L, L]."""
+    weights = attn[:, rows, start:start + len(inside)].float()  # [H, R, V]
+    share = (weights * inside.float()).sum(-1) / weights.sum(-1).clamp_min(1e-12)
+    return share.mean(-1)
+
+
+def attention(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
+    """Where the dense model looks. For color questions about each occupied cell, eager
+    attention per layer: of the attention paid to the visual tokens, the share on the asked
+    cell, from the last prompt token (it predicts the answer) and from the prompt's text after
+    the image (the question, where SparseVLM's raters come from); averaged over heads, and for
+    the layer's best head. `chance`: the cell's share of the visual tokens."""
+    import torch
+    from PIL import Image
+
+    import sparsevlm_patch
+    from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+    from llava.conversation import conv_templates
+    from llava.mm_utils import process_images, tokenizer_image_token
+
+    tokenizer, model, processor = loaded
+    sparsevlm_patch.disable(model)
+    folder = os.path.join(work, "diagnose-attention")
+    scenes = task.make_scenes(folder, "attention", images, seed=cell_scene_seed(seed), size=cfg.image_size,
+                              empty_prob=cfg.empty_prob)
+    sums = {"answer_token": None, "question_tokens": None}  # [layers, H] sums over questions
+    chance, count = 0.0, 0
+    for name, scene in scenes:
+        image = Image.open(os.path.join(folder, name)).convert("RGB")
+        pixels = process_images([image], processor, model.config).to(cfg.device, model.dtype)
+        for cell, item in enumerate(scene["cells"]):
+            if item is None:
+                continue
+            conv = conv_templates["v1"].copy()
+            conv.append_message(conv.roles[0], f"{DEFAULT_IMAGE_TOKEN}\nWhat color is the shape in the "
+                                               f"{task.CELL_NAMES[cell]} cell?")
+            conv.append_message(conv.roles[1], None)
+            ids = tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+            at = int((ids[0] == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
+            with torch.inference_mode():
+                out = model(input_ids=ids.to(cfg.device), images=pixels, image_sizes=[image.size],
+                            output_attentions=True)
+            length = out.attentions[0].shape[-1]
+            n_visual = length - ids.shape[1] + 1
+            inside = torch.tensor([task.in_region(p, n_visual, {"cell": cell}) for p in range(n_visual)],
+                                  device=out.attentions[0].device)
+            rows = {"answer_token": torch.tensor([length - 1]),
+                    "question_tokens": torch.arange(at + n_visual, length)}
+            for key, query in rows.items():
+                per_layer = torch.stack([region_shares(a[0], query, at, inside) for a in out.attentions]).cpu()
+                sums[key] = per_layer if sums[key] is None else sums[key] + per_layer
+            chance += float(inside.float().mean())
+            count += 1
+    report = {"images": images, "questions": count, "chance": round(chance / count, 4)}
+    for key, total in sums.items():
+        mean = total / count  # [layers, H]
+        report[key] = {"mean_head": [round(float(v), 4) for v in mean.mean(1)],
+                       "best_head": [round(float(v), 4) for v in mean.max(1).values]}
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dense_from", required=True, help="folder with dense.tar.part* and results.json")
@@ -199,33 +267,44 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=24, help="scenes for the reading probe")
     parser.add_argument("--questions", type=int, default=200, help="questions for the pruning probe")
     parser.add_argument("--cell_images", type=int, default=60, help="scenes for the per-cell color probe")
+    parser.add_argument("--attention_images", type=int, default=20, help="scenes for the attention probe")
+    parser.add_argument("--probes", default=",".join(PROBES),
+                        help=f"comma-separated probes to run, of {','.join(PROBES)} (default: all)")
     parser.add_argument("--retain", type=int, default=64, choices=BUDGETS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=99)
     args = parser.parse_args(argv)
-    for flag in ("images", "questions", "cell_images"):
+    for flag in ("images", "questions", "cell_images", "attention_images"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} {getattr(args, flag)}: expected at least 1")
+    probes = [p for p in args.probes.split(",") if p]
+    unknown = [p for p in probes if p not in PROBES]
+    if unknown or not probes:
+        parser.error(f"--probes {args.probes!r}: expected one or more of {','.join(PROBES)}, comma-separated")
 
     with open(os.path.join(args.dense_from, "results.json"), encoding="utf-8") as handle:
         exported = json.load(handle)
     built = built_config(exported)
     if cell_scene_seed(args.seed) == 2 * built.get("seed", 0) + 1:
-        parser.error(f"--seed {args.seed}: the per-cell probe would draw the exporting run's training scenes "
+        parser.error(f"--seed {args.seed}: the cells and attention probes would draw the exporting run's "
+                     "training scenes "
                      f"(its seed is {built.get('seed', 0)}); expected any other seed")
 
     import torch
 
     torch.manual_seed(args.seed)
     cfg, loaded = load_dense(args.dense_from, built, os.path.abspath(args.work), args.device)
+    work = os.path.abspath(args.work)
+    run = {"reading": lambda: reading(loaded, cfg, args.images, args.seed),
+           "pruning": lambda: pruning(loaded, cfg, work, args.questions, args.retain, args.seed),
+           "cells": lambda: cells(loaded, cfg, work, args.cell_images, args.seed),
+           "attention": lambda: attention(loaded, cfg, work, args.attention_images, args.seed)}
     report = {"command": "python benchmarks/fidelity/diagnose.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "model": exported.get("note"),
-              "reading": reading(loaded, cfg, args.images, args.seed),
-              "pruning": pruning(loaded, cfg, os.path.abspath(args.work), args.questions, args.retain, args.seed),
-              "cells": cells(loaded, cfg, os.path.abspath(args.work), args.cell_images, args.seed)}
+              "model": exported.get("note")}
+    report.update((probe, run[probe]()) for probe in PROBES if probe in probes)
     with open(args.out, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=1)
-    print(json.dumps({k: report[k] for k in ("reading", "cells")}, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k in ("reading", "cells", "attention")}, indent=1))
     return 0
 
 

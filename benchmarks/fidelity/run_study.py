@@ -147,8 +147,9 @@ class Config:
 
 PRESETS = {
     "full": Config(),
-    # CPU, tiny sizes: checks the pipeline end to end, learns nothing.
-    "smoke": Config(image_size=112, n_train=16, turns=3, n_distill=16, n_test_images=8, n_test=16,
+    # CPU, tiny sizes: checks the pipeline end to end, learns nothing. 224 px gives 256 visual
+    # tokens, so that every budget (192 ... 64) prunes.
+    "smoke": Config(image_size=224, n_train=16, turns=3, n_distill=16, n_test_images=8, n_test=16,
                     clip_hidden=32, clip_layers=2, hidden=32, layers=16, heads=2, intermediate=64, vocab=400,
                     batch=4, pretrain_steps=2, finetune_steps=3, distill_steps=1, workers=0, distill_workers=0,
                     parallel=2, precision="fp32", logging_steps=1, eval_batch=8, probe_images=4, device="cpu",
