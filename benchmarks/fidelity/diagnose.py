@@ -224,7 +224,7 @@ def attention(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
     scenes = task.make_scenes(folder, "attention", images, seed=cell_scene_seed(seed), size=cfg.image_size,
                               empty_prob=cfg.empty_prob)
     sums = {"answer_token": None, "question_tokens": None}  # [layers, H] sums over questions
-    chance, count = 0.0, 0
+    chance, count, question_tokens = 0.0, 0, 0
     for name, scene in scenes:
         image = Image.open(os.path.join(folder, name)).convert("RGB")
         pixels = process_images([image], processor, model.config).to(cfg.device, model.dtype)
@@ -251,7 +251,9 @@ def attention(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
                 sums[key] = per_layer if sums[key] is None else sums[key] + per_layer
             chance += float(inside.float().mean())
             count += 1
-    report = {"images": images, "questions": count, "chance": round(chance / count, 4)}
+            question_tokens += len(rows["question_tokens"])
+    report = {"images": images, "questions": count, "chance": round(chance / count, 4),
+              "question_tokens_per_prompt": round(question_tokens / count, 2)}
     for key, total in sums.items():
         mean = total / count  # [layers, H]
         report[key] = {"mean_head": [round(float(v), 4) for v in mean.mean(1)],
