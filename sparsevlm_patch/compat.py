@@ -22,6 +22,11 @@ SIGNATURES = {
 }
 
 
+# Distribution names of upstream LLaVA: PyPI's, and a source checkout of the LLaVA repository
+# (`pip install -e .` there installs it as "llava").
+LLAVA_DISTRIBUTIONS = ("llava-torch", "llava")
+
+
 class UnsupportedVersionError(ValueError):
     """An upstream the hooks were not written for (a configuration error, like a bad flag)."""
 
@@ -29,18 +34,28 @@ class UnsupportedVersionError(ValueError):
 def check_versions() -> None:
     """Fail, naming installed and supported versions, on an upstream we don't know."""
     for package, supported in SUPPORTED.items():
-        try:
-            installed = metadata.version(package)
-        except metadata.PackageNotFoundError:
+        names = LLAVA_DISTRIBUTIONS if package == "llava-torch" else (package,)
+        found, installed = _installed_version(names)
+        if installed is None:
             if package == "transformers":
                 raise UnsupportedVersionError(
                     f"sparsevlm_patch needs transformers {' or '.join(supported)}; it is not installed")
             continue  # llava not installed yet: its hook waits for the import
         if installed not in supported:
             raise UnsupportedVersionError(
-                f"sparsevlm_patch supports {package} {' or '.join(supported)}, but {installed} is "
+                f"sparsevlm_patch supports {package} {' or '.join(supported)}, but {found} {installed} is "
                 f"installed: install a supported version (see README, 'Supported versions'), "
                 f"or run without the plugin (SPARSEVLM=0)")
+
+
+def _installed_version(names):
+    """(distribution name, version) of the first of `names` installed, else (None, None)."""
+    for name in names:
+        try:
+            return name, metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return None, None
 
 
 def check_signature(name: str, func) -> None:

@@ -21,6 +21,20 @@ def test_other_version_names_package_installed_and_supported(monkeypatch, packag
     assert all(v in message for v in compat.SUPPORTED[package])
 
 
+def test_a_source_install_of_llava_is_checked_too(monkeypatch):
+    """A checkout of the LLaVA repository installs as the distribution "llava", not "llava-torch"."""
+    real = metadata.version
+
+    def version(name):
+        if name == "llava-torch":
+            raise metadata.PackageNotFoundError(name)
+        return "1.1.3" if name == "llava" else real(name)
+
+    monkeypatch.setattr(compat.metadata, "version", version)
+    with pytest.raises(ValueError, match="supports llava-torch 1.2.2.post1, but llava 1.1.3 is installed"):
+        compat.check_versions()
+
+
 def test_changed_upstream_signature_fails_naming_the_function():
     def forward(self, input_ids, attention_mask, cache_position):
         pass
