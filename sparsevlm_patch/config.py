@@ -2,9 +2,10 @@
 
 A `SparseConfig` says where to prune (`pruning_layers`) and how many visual tokens
 each of those layers keeps. Counts come either from a retain budget (the paper's
-presets 192/128/96/64, defined for 576 visual tokens and scaled to each sample's own
-visual count; a budget at or above that count keeps every visual token) or from an absolute
-`keep_schedule` (clipped to each sample's count).
+presets 192/128/96/64, defined for 576 visual tokens: scaled per 576 tokens for a sample with
+more, counted in the sample's own tokens for one with fewer, so that a budget at or above a
+sample's visual count keeps all of them) or from an absolute `keep_schedule` (clipped to each
+sample's count).
 """
 from __future__ import annotations
 
@@ -43,12 +44,14 @@ class SparseConfig:
         """Visual tokens kept at each pruning layer for a sample with `visual_count`."""
         if self.keep_schedule is not None:
             return tuple(min(k, visual_count) for k in self.keep_schedule)
-        if self.retain_tokens >= visual_count:
-            # The budget covers every visual token: nothing is pruned, whatever the scaled
-            # preset would say (a tower of fewer than 576 tokens, e.g. 256 at 224 px).
-            return (visual_count,) * len(self.pruning_layers)
+        if visual_count == 0:
+            return (0,) * len(self.pruning_layers)
+        # More than 576 tokens (several images, anyres tiles): the budget is per 576 tokens.
+        # Fewer (a smaller tower, e.g. 256 at 224 px): the budget counts the sample's own tokens,
+        # so it reaches keep-all exactly at the sample's count, without a jump below it.
+        retain = self.retain_tokens * max(1.0, PRESET_VISUAL_TOKENS / visual_count)
         scale = visual_count / PRESET_VISUAL_TOKENS
-        base = retain_schedule(self.retain_tokens, len(self.pruning_layers))
+        base = retain_schedule(retain, len(self.pruning_layers))
         return tuple(min(visual_count, int(round(k * scale))) for k in base)
 
 

@@ -88,9 +88,11 @@ def enable(model, retain_tokens=None, pruning_layers=DEFAULT_LAYERS, recycle=Tru
     `keep_schedule`: the visual tokens kept at each pruning layer, instead of a budget."""
     from .hooks import apply
 
-    if not hasattr(unwrap(model), "get_vision_tower"):
-        warnings.warn(f"sparsevlm_patch.enable: {type(unwrap(model)).__name__} is not a LLaVA model (it has "
-                      "no vision tower, so no visual tokens to prune): it keeps running as upstream")
+    unwrapped = unwrap(model)
+    if not hasattr(unwrapped, "get_vision_tower"):
+        warnings.warn(f"sparsevlm_patch.enable: {type(unwrapped).__name__} is not a LLaVA model (it has "
+                      "no vision tower, so no visual tokens to prune): it keeps running as upstream",
+                      stacklevel=2)
     inner = language_model(model)
     config = make_config(retain_tokens, pruning_layers, keep_schedule, recycle,
                          num_layers=_num_layers(inner))

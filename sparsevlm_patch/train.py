@@ -119,11 +119,13 @@ def close_process_group() -> None:
     """Upstream's `train()` returns with the launcher's process group still open. A rank that
     finishes saving first then tears down gloo's threads while its peers still talk, which can
     abort it at exit ("terminate called without an active exception"); wait for all ranks, then
-    close the group before the interpreter exits."""
+    close the group before the interpreter exits. (A rank that raised never gets here; the
+    launchers, torchrun and deepspeed, then stop the ranks waiting at the barrier.)"""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.dense_from, "results.json"), encoding="utf-8") as handle:
         exported = json.load(handle)
     built = built_config(exported)
-    if cell_scene_seed(args.seed) == 2 * built.get("seed", 0) + 1:
+    if {"cells", "attention"} & set(probes) and cell_scene_seed(args.seed) == 2 * built.get("seed", 0) + 1:
         parser.error(f"--seed {args.seed}: the cells and attention probes would draw the exporting run's "
                      "training scenes "
                      f"(its seed is {built.get('seed', 0)}); expected any other seed")
@@ -295,8 +295,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.manual_seed(args.seed)
-    cfg, loaded = load_dense(args.dense_from, built, os.path.abspath(args.work), args.device)
     work = os.path.abspath(args.work)
+    cfg, loaded = load_dense(args.dense_from, built, work, args.device)
     run = {"reading": lambda: reading(loaded, cfg, args.images, args.seed),
            "pruning": lambda: pruning(loaded, cfg, work, args.questions, args.retain, args.seed),
            "cells": lambda: cells(loaded, cfg, work, args.cell_images, args.seed),
