@@ -263,6 +263,10 @@ def test_diagnosis_of_an_exported_model(tmp_path):
         mean, best = looked[key]["mean_head"], looked[key]["best_head"]
         assert len(mean) == len(best) == PRESETS["smoke"].layers
         assert all(0 <= m <= b <= 1 for m, b in zip(mean, best))
+    best_token = looked["question_best_token"]
+    assert 1 <= best_token["questions"] <= looked["questions"]
+    for key in ("asked_cell", "another_occupied_cell"):
+        assert len(best_token[key]) == PRESETS["smoke"].layers and all(0 <= v <= 1 for v in best_token[key])
 
     some = tmp_path / "some.json"
     assert diagnose.main(["--dense_from", str(exported), "--work", str(tmp_path / "diag"), "--out", str(some),
@@ -287,8 +291,9 @@ def test_region_shares_count_only_the_attention_paid_to_the_image():
     attn[0, 4] = torch.tensor([0.2, 0.0, 0.4, 0.0, 0.4, 0.0])
     attn[1, 4] = torch.tensor([0.0, 0.5, 0.0, 0.0, 0.5, 0.0])
     inside = torch.tensor([False, True, True, False])
-    assert region_shares(attn, torch.tensor([5]), 1, inside).tolist() == pytest.approx([0.8, 0.0])
-    assert region_shares(attn, torch.tensor([4, 5]), 1, inside).tolist() == pytest.approx([0.65, 0.0])
+    assert torch.allclose(region_shares(attn, torch.tensor([5]), 1, inside), torch.tensor([[0.8], [0.0]]))
+    assert torch.allclose(region_shares(attn, torch.tensor([4, 5]), 1, inside),
+                          torch.tensor([[0.5, 0.8], [0.0, 0.0]]))
 
 
 def test_a_wrong_color_is_traced_to_the_cell_it_belongs_to():

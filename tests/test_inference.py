@@ -646,8 +646,8 @@ def test_batch_equals_each_sample_alone(tiny_llava, tiny_images, side, recycle):
 
 def test_visual_counts_come_from_the_data(tiny_llava, tiny_images):
     """Two images in one prompt (1152 visual tokens) and a visual span cut by upstream's
-    truncation (288 tokens, no question left: the last visual token rates): the presets
-    scale to each sample's own count."""
+    truncation (288 tokens, no question left: the last visual token rates): the budget follows
+    each sample's own count (per 576 tokens above 576, counted in its own tokens below)."""
     from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
     tokenizer, model, image_processor = tiny_llava
@@ -675,8 +675,8 @@ def test_visual_counts_come_from_the_data(tiny_llava, tiny_images):
     out = forward(model, ids, images=pix[:1], image_sizes=sizes[:1])
     stats, keep = sparsevlm_patch.last_stats(model), sparsevlm_patch.last_keep_mask(model)
     assert out.logits.shape[1] == start + 288
-    assert stats["visual_tokens"] == [288] and stats["kept_visual"] == [[33, 15, 8]]
-    assert keep[0, :start].all() and int(keep[0, start:].sum()) == 8
+    assert stats["visual_tokens"] == [288] and stats["kept_visual"] == [[152, 55, 18]]
+    assert keep[0, :start].all() and int(keep[0, start:].sum()) == 18
     assert torch.isfinite(out.logits).all()
 
 

@@ -196,12 +196,11 @@ def cells(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
 
 
 def region_shares(attn, rows, start: int, inside):
-    """Per head, the share of the attention that query positions `rows` pay to the visual
-    tokens (at `start`, `len(inside)` of them) that lands on those marked `inside`, averaged
-    over the rows. `attn`: one layer's probabilities [H, L, L]."""
+    """[H, R]: per head and query position of `rows`, the share of the attention paid to the
+    visual tokens (at `start`, `len(inside)` of them) that lands on those marked `inside`.
+    `attn`: one layer's probabilities [H, L, L]."""
     weights = attn[:, rows, start:start + len(inside)].float()  # [H, R, V]
-    share = (weights * inside.float()).sum(-1) / weights.sum(-1).clamp_min(1e-12)
-    return share.mean(-1)
+    return (weights * inside.float()).sum(-1) / weights.sum(-1).clamp_min(1e-12)
 
 
 def attention(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
@@ -209,7 +208,10 @@ def attention(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
     attention per layer: of the attention paid to the visual tokens, the share on the asked
     cell, from the last prompt token (it predicts the answer) and from the prompt's text after
     the image (the question, where SparseVLM's raters come from); averaged over heads, and for
-    the layer's best head. `chance`: the cell's share of the visual tokens."""
+    the layer's best head. `chance`: the cell's share of the visual tokens.
+    `question_best_token`: the question token whose heads (averaged) look most at the asked
+    cell, against the same maximum for another occupied cell of the scene (the control: a
+    maximum over tokens is above `chance` even where no token looks)."""
     import torch
     from PIL import Image
 
@@ -224,7 +226,8 @@ def attention(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
     scenes = task.make_scenes(folder, "attention", images, seed=cell_scene_seed(seed), size=cfg.image_size,
                               empty_prob=cfg.empty_prob)
     sums = {"answer_token": None, "question_tokens": None}  # [layers, H] sums over questions
-    chance, count, question_tokens = 0.0, 0, 0
+    best = {"asked_cell": None, "another_occupied_cell": None}  # [layers] sums over questions
+    chance, count, question_tokens, controlled = 0.0, 0, 0, 0
     for name, scene in scenes:
         image = Image.open(os.path.join(folder, name)).convert("RGB")
         pixels = process_images([image], processor, model.config).to(cfg.device, model.dtype)
@@ -242,13 +245,24 @@ def attention(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
                             output_attentions=True)
             length = out.attentions[0].shape[-1]
             n_visual = length - ids.shape[1] + 1
-            inside = torch.tensor([task.in_region(p, n_visual, {"cell": cell}) for p in range(n_visual)],
-                                  device=out.attentions[0].device)
+            def region(c):
+                return torch.tensor([task.in_region(p, n_visual, {"cell": c}) for p in range(n_visual)],
+                                    device=out.attentions[0].device)
+
+            inside = region(cell)
             rows = {"answer_token": torch.tensor([length - 1]),
                     "question_tokens": torch.arange(at + n_visual, length)}
             for key, query in rows.items():
-                per_layer = torch.stack([region_shares(a[0], query, at, inside) for a in out.attentions]).cpu()
+                per_layer = torch.stack([region_shares(a[0], query, at, inside).mean(-1)
+                                         for a in out.attentions]).cpu()
                 sums[key] = per_layer if sums[key] is None else sums[key] + per_layer
+            others = [c % 9 for c in range(cell + 1, cell + 9) if scene["cells"][c % 9] is not None]
+            if others:
+                for key, mask in (("asked_cell", inside), ("another_occupied_cell", region(others[0]))):
+                    per_layer = torch.stack([region_shares(a[0], rows["question_tokens"], at, mask).mean(0).max()
+                                             for a in out.attentions]).cpu()
+                    best[key] = per_layer if best[key] is None else best[key] + per_layer
+                controlled += 1
             chance += float(inside.float().mean())
             count += 1
             question_tokens += len(rows["question_tokens"])
@@ -258,6 +272,8 @@ def attention(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
         mean = total / count  # [layers, H]
         report[key] = {"mean_head": [round(float(v), 4) for v in mean.mean(1)],
                        "best_head": [round(float(v), 4) for v in mean.max(1).values]}
+    report["question_best_token"] = {"questions": controlled, **{
+        key: [round(float(v), 4) for v in total / controlled] for key, total in best.items() if total is not None}}
     return report
 
 
