@@ -55,8 +55,8 @@ class SparseConfig:
         return tuple(min(visual_count, int(round(k * scale))) for k in base)
 
 
-def retain_schedule(retain: int, n_layers: int) -> Tuple[int, ...]:
-    """Keep counts (for 576 visual tokens) of a retain budget.
+def retain_schedule(retain: float, n_layers: int) -> Tuple[int, ...]:
+    """Keep counts (for 576 visual tokens) of a retain budget (fractional for a smaller tower).
 
     Presets are the paper's. Other budgets interpolate linearly between the two
     nearest presets (above 192: towards keeping all 576; below 64: scaled down).
