@@ -35,7 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import task  # noqa: E402
-from run_study import BUDGETS, METHODS, Config, Evaluator, build_study_clip, built_config, import_dense  # noqa: E402
+from run_study import (BUDGETS, METHODS, Config, Evaluator, build_study_clip, built_config,  # noqa: E402
+                       import_dense, prompt_ids)
 
 CONTENT_WORDS = set(task.COLORS) | set(task.SHAPES) | {"empty"}
 PROBES = ("reading", "pruning", "cells", "attention")
@@ -175,9 +176,8 @@ def cells(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
     for i, (name, scene) in enumerate(scenes):
         for cell, item in enumerate(scene["cells"]):
             if item is not None:
-                question = f"What color is the shape in the {task.CELL_NAMES[cell]} cell?"
-                records.append(task.llava_record(f"cells-{i}-{cell}", name, [(question, item["color"])],
-                                            {"type": "color", "cell": cell}))
+                pair = (task.color_question(cell), item["color"])
+                records.append(task.llava_record(f"cells-{i}-{cell}", name, [pair], {"type": "color", "cell": cell}))
                 asked.append((scene, cell))
     entry = Evaluator(replace(cfg, eval_batch=min(cfg.eval_batch, 25)), records, folder, print).evaluate(
         loaded, "dense", None)
@@ -216,17 +216,19 @@ def attention(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
     from PIL import Image
 
     import sparsevlm_patch
-    from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-    from llava.conversation import conv_templates
-    from llava.mm_utils import process_images, tokenizer_image_token
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.mm_utils import process_images
 
     tokenizer, model, processor = loaded
     sparsevlm_patch.disable(model)
     folder = os.path.join(work, "diagnose-attention")
     scenes = task.make_scenes(folder, "attention", images, seed=cell_scene_seed(seed), size=cfg.image_size,
                               empty_prob=cfg.empty_prob)
-    sums = {"answer_token": None, "question_tokens": None}  # [layers, H] sums over questions
-    best = {"asked_cell": None, "another_occupied_cell": None}  # [layers] sums over questions
+    n_visual = model.get_vision_tower().num_patches
+    cell_masks = torch.tensor([[task.in_region(p, n_visual, {"cell": c}) for p in range(n_visual)] for c in range(9)],
+                              device=cfg.device)
+    sums = {"answer_token": 0, "question_tokens": 0}  # [layers, H] sums over questions
+    best = {"asked_cell": 0, "another_occupied_cell": 0}  # [layers] sums over questions
     chance, count, question_tokens, controlled = 0.0, 0, 0, 0
     for name, scene in scenes:
         image = Image.open(os.path.join(folder, name)).convert("RGB")
@@ -234,34 +236,24 @@ def attention(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
         for cell, item in enumerate(scene["cells"]):
             if item is None:
                 continue
-            conv = conv_templates["v1"].copy()
-            conv.append_message(conv.roles[0], f"{DEFAULT_IMAGE_TOKEN}\nWhat color is the shape in the "
-                                               f"{task.CELL_NAMES[cell]} cell?")
-            conv.append_message(conv.roles[1], None)
-            ids = tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+            ids = prompt_ids(tokenizer, task.color_question(cell))[None]
             at = int((ids[0] == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
             with torch.inference_mode():
                 out = model(input_ids=ids.to(cfg.device), images=pixels, image_sizes=[image.size],
                             output_attentions=True)
             length = out.attentions[0].shape[-1]
-            n_visual = length - ids.shape[1] + 1
-            def region(c):
-                return torch.tensor([task.in_region(p, n_visual, {"cell": c}) for p in range(n_visual)],
-                                    device=out.attentions[0].device)
-
-            inside = region(cell)
+            inside = cell_masks[cell]
             rows = {"answer_token": torch.tensor([length - 1]),
                     "question_tokens": torch.arange(at + n_visual, length)}
             for key, query in rows.items():
-                per_layer = torch.stack([region_shares(a[0], query, at, inside).mean(-1)
-                                         for a in out.attentions]).cpu()
-                sums[key] = per_layer if sums[key] is None else sums[key] + per_layer
+                sums[key] = sums[key] + torch.stack([region_shares(a[0], query, at, inside).mean(-1)
+                                                     for a in out.attentions]).cpu()
             others = [c % 9 for c in range(cell + 1, cell + 9) if scene["cells"][c % 9] is not None]
             if others:
-                for key, mask in (("asked_cell", inside), ("another_occupied_cell", region(others[0]))):
-                    per_layer = torch.stack([region_shares(a[0], rows["question_tokens"], at, mask).mean(0).max()
-                                             for a in out.attentions]).cpu()
-                    best[key] = per_layer if best[key] is None else best[key] + per_layer
+                for key, mask in (("asked_cell", inside), ("another_occupied_cell", cell_masks[others[0]])):
+                    best[key] = best[key] + torch.stack([
+                        region_shares(a[0], rows["question_tokens"], at, mask).mean(0).max()
+                        for a in out.attentions]).cpu()
                 controlled += 1
             chance += float(inside.float().mean())
             count += 1
@@ -273,7 +265,7 @@ def attention(loaded, cfg: Config, work: str, images: int, seed: int) -> dict:
         report[key] = {"mean_head": [round(float(v), 4) for v in mean.mean(1)],
                        "best_head": [round(float(v), 4) for v in mean.max(1).values]}
     report["question_best_token"] = {"questions": controlled, **{
-        key: [round(float(v), 4) for v in total / controlled] for key, total in best.items() if total is not None}}
+        key: [round(float(v), 4) for v in total / controlled] for key, total in best.items() if controlled}}
     return report
 
 

@@ -436,6 +436,18 @@ def scoring(method: str, seed: int = 0):
         sf._scores = original
 
 
+def prompt_ids(tokenizer, question: str):
+    """Upstream's v1 prompt of one question about the image, as ids (the image as IMAGE_TOKEN_INDEX)."""
+    from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+    from llava.conversation import conv_templates
+    from llava.mm_utils import tokenizer_image_token
+
+    conv = conv_templates["v1"].copy()
+    conv.append_message(conv.roles[0], DEFAULT_IMAGE_TOKEN + "\n" + question)
+    conv.append_message(conv.roles[1], None)
+    return tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+
+
 class Evaluator:
     """Greedy generation on the held-out split with upstream's `generate`, exact match."""
 
@@ -473,9 +485,8 @@ class Evaluator:
     def _prepare(self, tokenizer, model, processor):
         from PIL import Image
 
-        from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-        from llava.conversation import conv_templates
-        from llava.mm_utils import process_images, tokenizer_image_token
+        from llava.constants import DEFAULT_IMAGE_TOKEN
+        from llava.mm_utils import process_images
 
         if self._images is None:
             names = sorted({r["image"] for r in self.records})
@@ -487,12 +498,8 @@ class Evaluator:
             self._images = (pixels.to(self.cfg.device, dtype=model.dtype), index, [im.size for im in pil])
         prompts, answers, types, image_ids = [], [], [], []
         for r in self.records:
-            conv = conv_templates["v1"].copy()
             question = r["conversations"][0]["value"].replace(DEFAULT_IMAGE_TOKEN + "\n", "")
-            conv.append_message(conv.roles[0], DEFAULT_IMAGE_TOKEN + "\n" + question)
-            conv.append_message(conv.roles[1], None)
-            prompts.append(tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX,
-                                                 return_tensors="pt"))
+            prompts.append(prompt_ids(tokenizer, question))
             answers.append(r["conversations"][1]["value"])
             types.append(r["info"]["type"])
             image_ids.append(self._images[1][r["image"]])

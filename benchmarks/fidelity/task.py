@@ -113,6 +113,10 @@ def _cells_of(scene: dict, row: Optional[int] = None, col: Optional[int] = None)
     return out
 
 
+def color_question(cell: int) -> str:
+    return f"What color is the shape in the {CELL_NAMES[cell]} cell?"
+
+
 def make_question(rng: random.Random, scene: dict, qtype: str) -> Tuple[str, str, dict]:
     """One question of type `qtype` about `scene`: (question, answer, info).
 
@@ -125,8 +129,7 @@ def make_question(rng: random.Random, scene: dict, qtype: str) -> Tuple[str, str
         item = scene["cells"][index]
         name = CELL_NAMES[index]
         if qtype == "color":
-            return (f"What color is the shape in the {name} cell?", item["color"],
-                    {"type": qtype, "cell": index})
+            return color_question(index), item["color"], {"type": qtype, "cell": index}
         return f"What shape is in the {name} cell?", item["shape"], {"type": qtype, "cell": index}
     if qtype == "row":
         row = rng.randrange(3)
