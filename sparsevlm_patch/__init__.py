@@ -7,9 +7,9 @@
 """
 import sys
 
+from .api import disable, enable, last_keep_mask, last_stats
 from .config import SparseConfig, config_from_env, env_enabled
 from .hooks import apply, remove
-from .state import disable, enable, last_keep_mask, last_stats
 
 __all__ = ["SparseConfig", "apply", "remove", "enable", "disable", "last_keep_mask", "last_stats"]
 __version__ = "0.1.0"

@@ -9,19 +9,6 @@ SUPPORTED = {
     "llava-torch": ("1.2.2.post1",),
 }
 
-# Parameters the hooks bind by name; a different upstream signature means a different
-# upstream, which the sparse forward was not written for.
-SIGNATURES = {
-    "LlamaModel.forward": ["self", "input_ids", "attention_mask", "position_ids", "past_key_values",
-                           "inputs_embeds", "use_cache", "output_attentions", "output_hidden_states",
-                           "return_dict"],
-    "LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal": [
-        "self", "input_ids", "position_ids", "attention_mask", "past_key_values", "labels", "images",
-        "image_sizes"],
-    "LlamaRotaryEmbedding.forward": ["self", "x", "seq_len"],
-}
-
-
 # Distribution names of upstream LLaVA: PyPI's, and a source checkout of the LLaVA repository
 # (`pip install -e .` there installs it as "llava").
 LLAVA_DISTRIBUTIONS = ("llava-torch", "llava")
@@ -58,10 +45,20 @@ def _installed_version(names):
     return None, None
 
 
-def check_signature(name: str, func) -> None:
-    params = list(inspect.signature(func).parameters)
-    if params != SIGNATURES[name]:
+# Expected parameters of each patched symbol, by its path ("LlamaModel.forward"); filled from
+# the patch table (hooks.PATCHES).
+EXPECTED = {}
+
+
+def check_signature(name: str, target, expected=None, fields: bool = False) -> None:
+    """`target`'s parameters must be exactly `expected` (default: the patch table's row `name`),
+    since a wrapper binds them by name; for a class that the plugin replaces (`fields`), its
+    constructor must have every name in `expected`."""
+    expected = EXPECTED[name] if expected is None else expected
+    params = list(inspect.signature(target).parameters)
+    ok = set(expected) <= set(params) if fields else params == list(expected)
+    if not ok:
         raise UnsupportedVersionError(
-            f"{name} has parameters {params}, expected {SIGNATURES[name]}: this upstream version is "
+            f"{name} has parameters {params}, expected {list(expected)}: this upstream version is "
             f"not supported by sparsevlm_patch (supported: transformers "
             f"{' or '.join(SUPPORTED['transformers'])}, llava-torch {SUPPORTED['llava-torch'][0]})")

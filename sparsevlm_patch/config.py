@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
+from .flags import DEFAULTS, ENV_NAMES, SELECTIONS
+
 # Keep counts at layers 2/6/15 of the public SparseVLM release, for 576 visual tokens.
 PRESET_SCHEDULES = {
     192: (300, 200, 110),
@@ -21,8 +23,17 @@ PRESET_SCHEDULES = {
     96: (238, 48, 26),
     64: (66, 30, 17),
 }
+# SparseVLM v2.0's own (the fork's `score.py` under USE_VERSION=2_0).
+PRESET_SCHEDULES_V2 = {
+    192: (300, 200, 118),
+    128: (238, 108, 60),
+    96: (246, 54, 28),
+    64: (66, 34, 20),
+}
+RULE_PRESETS = {"sparsevlm_v2": PRESET_SCHEDULES_V2}  # every other rule uses PRESET_SCHEDULES
+RULE_RECYCLES = {"sparsevlm": True}  # a rule's default for `recycle` (off unless listed)
 PRESET_VISUAL_TOKENS = 576
-DEFAULT_LAYERS = (2, 6, 15)
+DEFAULT_LAYERS = DEFAULTS["pruning_layers"]
 DEFAULT_RETAIN = 64
 
 # Token recycling: the top RECYCLE_CANDIDATE_SHARE of the pruned tokens (by score) are
@@ -39,6 +50,13 @@ class SparseConfig:
     retain_tokens: Optional[int] = DEFAULT_RETAIN
     keep_schedule: Optional[Tuple[int, ...]] = None
     recycle: bool = True
+    selection: str = DEFAULTS["selection"]
+    seed: int = DEFAULTS["seed"]
+
+    def __post_init__(self):
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection={self.selection!r} is not a selection rule: expected one of "
+                             f"{', '.join(SELECTIONS)}")
 
     def keep_counts(self, visual_count: int) -> Tuple[int, ...]:
         """Visual tokens kept at each pruning layer for a sample with `visual_count`."""
@@ -51,22 +69,23 @@ class SparseConfig:
         # so it reaches keep-all exactly at the sample's count, without a jump below it.
         retain = self.retain_tokens * max(1.0, PRESET_VISUAL_TOKENS / visual_count)
         scale = visual_count / PRESET_VISUAL_TOKENS
-        base = retain_schedule(retain, len(self.pruning_layers))
+        base = retain_schedule(retain, len(self.pruning_layers),
+                               RULE_PRESETS.get(self.selection, PRESET_SCHEDULES))
         return tuple(min(visual_count, int(round(k * scale))) for k in base)
 
 
-def retain_schedule(retain: float, n_layers: int) -> Tuple[int, ...]:
+def retain_schedule(retain: float, n_layers: int, presets: dict = PRESET_SCHEDULES) -> Tuple[int, ...]:
     """Keep counts (for 576 visual tokens) of a retain budget (fractional for a smaller tower).
 
-    Presets are the paper's. Other budgets interpolate linearly between the two
-    nearest presets (above 192: towards keeping all 576; below 64: scaled down).
+    `presets` are the paper's (v1's or v2's). Other budgets interpolate linearly between the
+    two nearest presets (above 192: towards keeping all 576; below 64: scaled down).
     """
     if n_layers != 3:
         # Spread the budget evenly: a constant count at every pruning layer.
         return tuple(min(PRESET_VISUAL_TOKENS, retain) for _ in range(n_layers))
-    if retain in PRESET_SCHEDULES:
-        return PRESET_SCHEDULES[retain]
-    anchors = sorted(PRESET_SCHEDULES.items()) + [(PRESET_VISUAL_TOKENS, (576, 576, 576))]
+    if retain in presets:
+        return presets[retain]
+    anchors = sorted(presets.items()) + [(PRESET_VISUAL_TOKENS, (576, 576, 576))]
     if retain < anchors[0][0]:
         lo_r, lo = anchors[0]
         return tuple(max(1, round(k * retain / lo_r)) for k in lo)
@@ -143,7 +162,9 @@ def make_config(
     retain_tokens=None,
     pruning_layers=DEFAULT_LAYERS,
     keep_schedule=None,
-    recycle=True,
+    recycle=None,
+    selection=DEFAULTS["selection"],
+    seed=DEFAULTS["seed"],
     *,
     num_layers: Optional[int] = None,
     names: Optional[dict] = None,
@@ -154,13 +175,13 @@ def make_config(
     the command-line flag the value came from). `num_layers` (the model's depth) checks
     layer indices; without it only the form is checked.
     """
-    names = {
-        "retain_tokens": "retain_tokens",
-        "pruning_layers": "pruning_layers",
-        "keep_schedule": "keep_schedule",
-        "recycle": "recycle",
-        **(names or {}),
-    }
+    names = {**{key: key for key in ("retain_tokens", "pruning_layers", "keep_schedule", "recycle",
+                                     "selection", "seed")}, **(names or {})}
+    rule = selection.strip() if isinstance(selection, str) else selection
+    if rule not in SELECTIONS:
+        raise ValueError(f"{names['selection']}={selection!r} is not a selection rule: expected one of "
+                         f"{', '.join(SELECTIONS)}")
+    seed_value = _parse_int(names["seed"], seed, "an integer")
     layers = parse_int_list(names["pruning_layers"], pruning_layers)
     if any(b <= a for a, b in zip(layers, layers[1:])):
         raise ValueError(
@@ -209,7 +230,9 @@ def make_config(
         pruning_layers=layers,
         retain_tokens=retain,
         keep_schedule=schedule,
-        recycle=parse_bool(names["recycle"], recycle),
+        recycle=RULE_RECYCLES.get(rule, False) if recycle is None else parse_bool(names["recycle"], recycle),
+        selection=rule,
+        seed=seed_value,
     )
 
 
@@ -219,25 +242,11 @@ def _show(value) -> str:
     return ",".join(str(v) for v in value) if isinstance(value, Sequence) else repr(value)
 
 
-ENV_NAMES = {
-    "retain_tokens": "SPARSEVLM_RETAIN",
-    "pruning_layers": "SPARSEVLM_LAYERS",
-    "keep_schedule": "SPARSEVLM_SCHEDULE",
-    "recycle": "SPARSEVLM_RECYCLE",
-}
-
-
 def env_enabled(environ=os.environ) -> bool:
-    return parse_bool("SPARSEVLM", environ.get("SPARSEVLM", "1"))
+    return parse_bool("SPARSEVLM", environ.get("SPARSEVLM", "1"))  # the `sparse` flag (flags.py)
 
 
 def config_from_env(environ=os.environ, num_layers: Optional[int] = None) -> SparseConfig:
     """The configuration the SPARSEVLM_* environment variables describe."""
-    return make_config(
-        retain_tokens=environ.get("SPARSEVLM_RETAIN"),
-        pruning_layers=environ.get("SPARSEVLM_LAYERS", DEFAULT_LAYERS),
-        keep_schedule=environ.get("SPARSEVLM_SCHEDULE"),
-        recycle=environ.get("SPARSEVLM_RECYCLE", "1"),
-        num_layers=num_layers,
-        names=ENV_NAMES,
-    )
+    values = {key: environ[env] for key, env in ENV_NAMES.items() if env in environ}
+    return make_config(**values, num_layers=num_layers, names=ENV_NAMES)

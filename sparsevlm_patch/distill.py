@@ -13,29 +13,22 @@ import math
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from typing import Optional
 
 import torch
 
-from .config import DEFAULT_LAYERS, ENV_NAMES, env_enabled, make_config
-from .state import disable, enable, language_model, last_keep_mask, unwrap
+from .config import SparseConfig, env_enabled, make_config
+from .flags import BY_KEY, CONFIG_KEYS, ENV_NAMES, FLAGS, TRAIN_NAMES
+from .state import configure, disable, get_state, language_model, last_keep_mask, unwrap
 
 SETUP_ATTR = "_sparsevlm_distill"
+CONFIG_ATTR = "_sparsevlm_student_config"
 TEACHER_CONFIG_FIELDS = (
     "image_aspect_ratio", "tokenizer_padding_side", "tokenizer_model_max_length", "mm_use_im_start_end",
     "mm_use_im_patch_token", "mm_patch_merge_type", "image_grid_pinpoints", "mm_vision_select_layer",
     "mm_vision_select_feature",
 )
-# Training flags and their defaults when a trainer's args lack them (own launchers).
-FLAG_DEFAULTS = {
-    "sparse": True, "retain_tokens": None, "pruning_layers": None, "keep_schedule": None,
-    "token_recycling": True, "teacher_model_name_or_path": None, "align_loss_weight": None,
-}
-FLAG_NAMES = {"retain_tokens": "--retain_tokens", "pruning_layers": "--pruning_layers",
-              "keep_schedule": "--keep_schedule", "recycle": "--token_recycling"}
-
-
 _COMPUTE_LOSS_SIGNATURE = inspect.Signature([
     inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD),
     inspect.Parameter("inputs", inspect.Parameter.POSITIONAL_OR_KEYWORD),
@@ -50,14 +43,42 @@ class DistillSetup:
     metrics: dict  # running sums since the last log: name -> [sum tensor, count]
 
 
-def _arg(args, name):
-    value = getattr(args, name, FLAG_DEFAULTS[name])
-    if value is None and name == "pruning_layers":
-        return DEFAULT_LAYERS
-    if value is None and name == "align_loss_weight":
+def _arg(args, key: str):
+    """The training flag of `key` (flags.py); its default when a trainer's args lack it (own launchers)."""
+    flag = BY_KEY[key]
+    value = getattr(args, flag.train, None)
+    if value is None and key == "align_loss_weight":
         # Distillation goes with pruning; `--sparse False` alone is upstream's training.
         return 1.0 if _arg(args, "sparse") else 0.0
-    return value
+    return flag.default if value is None else value
+
+
+def student_config(args, num_layers: Optional[int] = None) -> SparseConfig:
+    """The student's sparse configuration from the training flags (None: the flag's default)."""
+    values = {key: getattr(args, BY_KEY[key].train, None) for key in CONFIG_KEYS if BY_KEY[key].train}
+    return make_config(**{k: v for k, v in values.items() if v is not None}, num_layers=num_layers,
+                       names=TRAIN_NAMES)
+
+
+def training_arguments_class(base):
+    """Upstream's TrainingArguments plus the sparse and distillation flags of flags.FLAGS.
+
+    Flags the plugin parses itself are strings, so that a bad value gets the plugin's message
+    (what is allowed), not argparse's; `None` means the flag's default."""
+    fields = [(flag.train, flag.train_type if flag.train_type is bool else Optional[flag.train_type],
+               field(default=flag.default if flag.train_type is bool else None, metadata={"help": flag.help}))
+              for flag in FLAGS if flag.train]
+
+    def __post_init__(self):
+        check_flags(self)  # before any model is loaded
+        base.__post_init__(self)
+
+    cls = make_dataclass("SparseTrainingArguments", fields, bases=(base,),
+                         namespace={"__post_init__": __post_init__})
+    # Picklable (the Trainer saves its args): a module attribute under the class's own name.
+    cls.__module__ = __name__
+    globals()["SparseTrainingArguments"] = cls
+    return cls
 
 
 def training_mode(args, model) -> str:
@@ -148,14 +169,7 @@ def check_depth_at_init(wrapped, trainer, args, kwargs):
     now, under the flag's name, before the teacher loads or any step runs."""
     wrapped(*args, **kwargs)
     if _arg(trainer.args, "sparse"):
-        _sparse_flags(trainer.args, unwrap(trainer.model).config.num_hidden_layers)
-
-
-def _sparse_flags(args, num_layers: int) -> dict:
-    flags = dict(retain_tokens=_arg(args, "retain_tokens"), pruning_layers=_arg(args, "pruning_layers"),
-                 keep_schedule=_arg(args, "keep_schedule"), recycle=_arg(args, "token_recycling"))
-    make_config(**flags, num_layers=num_layers, names=FLAG_NAMES)
-    return flags
+        trainer.__dict__[CONFIG_ATTR] = student_config(trainer.args, unwrap(trainer.model).config.num_hidden_layers)
 
 
 def _setup(trainer, model) -> DistillSetup:
@@ -166,7 +180,8 @@ def _setup(trainer, model) -> DistillSetup:
     _warn_unused_environment()
     student = unwrap(model)
     if _arg(args, "sparse"):
-        enable(student, **_sparse_flags(args, student.config.num_hidden_layers))
+        config = trainer.__dict__.get(CONFIG_ATTR) or student_config(args, student.config.num_hidden_layers)
+        configure(student, config)
     else:
         disable(student)
     weight = float(_arg(args, "align_loss_weight"))
@@ -192,9 +207,9 @@ def _warn_unused_environment() -> None:
     if not env_enabled():
         unused.append(f"SPARSEVLM={os.environ['SPARSEVLM']}")
     if unused:
+        flags = ", ".join(TRAIN_NAMES[key] for key in ("sparse",) + CONFIG_KEYS if key in TRAIN_NAMES)
         warnings.warn(f"sparsevlm_patch: {', '.join(unused)} set in the environment but not used: training "
-                      "reads its flags (--sparse, --retain_tokens, --pruning_layers, --keep_schedule, "
-                      "--token_recycling)", stacklevel=2)
+                      f"reads its flags ({flags})", stacklevel=2)
 
 
 def _describe_teacher(teacher, path: str) -> str:
@@ -258,7 +273,7 @@ def compute_loss(wrapped, trainer, args, kwargs):
     return_outputs = bound.arguments.get("return_outputs", False)
     setup = _setup(trainer, model)
     inner = language_model(model)
-    state = inner.__dict__.get("_sparsevlm_state")
+    state = get_state(inner)
     capture = _Capture(inner)
     try:
         state.rater_labels = inputs.get("labels")  # kept for the raters even if the Trainer pops them
@@ -272,7 +287,7 @@ def compute_loss(wrapped, trainer, args, kwargs):
         return (loss, outputs) if return_outputs else loss
     _add_metric(setup, "lm_loss", loss.detach())
     if setup.sparse:
-        stats = getattr(inner.__dict__.get("_sparsevlm_state"), "stats", None) or {}
+        stats = getattr(get_state(inner), "stats", None) or {}
         for layer, kept in zip(stats.get("pruning_layers", []), zip(*stats.get("kept_visual", [[]]))):
             _add_metric(setup, f"kept_visual_l{layer}", torch.tensor(sum(kept) / max(len(kept), 1)).to(loss.device))
     if setup.teacher is not None:
@@ -316,12 +331,12 @@ def log(wrapped, trainer, args, kwargs):
 def check_flags(args) -> None:
     """Validate the sparse training flags (before any model is loaded)."""
     if not _arg(args, "sparse"):
-        for name in ("retain_tokens", "pruning_layers", "keep_schedule"):
-            if getattr(args, name, None) is not None:
+        for key in CONFIG_KEYS:
+            name = BY_KEY[key].train
+            if name and getattr(args, name, None) is not None:
                 raise ValueError(f"--{name}={getattr(args, name)!r} is set but --sparse is False: drop "
                                  f"--{name}, or prune with --sparse True")
-    make_config(_arg(args, "retain_tokens"), _arg(args, "pruning_layers"), _arg(args, "keep_schedule"),
-                _arg(args, "token_recycling"), names=FLAG_NAMES)
+    student_config(args)
     weight = _arg(args, "align_loss_weight")
     if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
         raise ValueError(f"--align_loss_weight={weight!r} is not valid: expected a finite number >= 0 "

@@ -9,7 +9,7 @@ whole layout, for any padding side, image count, anyres size or truncation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -45,13 +45,12 @@ class BatchLayout:
     length: int
     valid: torch.Tensor  # bool [B, L]
     visual: torch.Tensor  # bool [B, L]
-    inputs_embeds: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def visual_counts(self) -> List[int]:
         return [s.visual_count for s in self.samples]
 
-    def repeat(self, copies: int, inputs_embeds: torch.Tensor) -> "BatchLayout":
+    def repeat(self, copies: int) -> "BatchLayout":
         """The layout of each sample repeated `copies` times in place (beams, sequences)."""
         return BatchLayout(
             samples=[s for s in self.samples for _ in range(copies)],
@@ -59,7 +58,6 @@ class BatchLayout:
             length=self.length,
             valid=self.valid.repeat_interleave(copies, dim=0),
             visual=self.visual.repeat_interleave(copies, dim=0),
-            inputs_embeds=inputs_embeds,
         )
 
     def padded_index(self, kind: str, device) -> Tuple[torch.Tensor, torch.Tensor]:

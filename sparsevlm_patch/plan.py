@@ -33,7 +33,8 @@ class PrefillPlan:
     stages: List[StagePlan]
     valid_counts: List[int]
     visual_counts: List[int]
-    rater_counts: List[int]  # rater candidates (question tokens) per sample
+    rater_counts: List[int]  # rater slots (question tokens; 1 for fastv) per sample
+    selection: str = "sparsevlm"
 
     def tokens_per_layer(self, num_layers: int) -> List[List[int]]:
         per_sample = []
@@ -63,8 +64,9 @@ def make_plan(config: SparseConfig, layout: BatchLayout) -> PrefillPlan:
         stages.append(StagePlan(layer, kept, cand, rec, list(tokens), new_tokens))
         pool = [k + r for k, r in zip(kept, rec)]
         tokens = new_tokens
-    raters = [s.question_span[1] - s.question_span[0] for s in layout.samples]
-    return PrefillPlan(stages, valid, visual, raters)
+    raters = [min(1, s.question_span[1] - s.question_span[0]) if config.selection == "fastv"
+              else s.question_span[1] - s.question_span[0] for s in layout.samples]
+    return PrefillPlan(stages, valid, visual, raters, config.selection)
 
 
 def text_only_plan(config: SparseConfig, valid_counts: List[int]) -> PrefillPlan:
@@ -72,7 +74,7 @@ def text_only_plan(config: SparseConfig, valid_counts: List[int]) -> PrefillPlan
     B = len(valid_counts)
     stages = [StagePlan(layer, [0] * B, [0] * B, [0] * B, list(valid_counts), list(valid_counts))
               for layer in config.pruning_layers]
-    return PrefillPlan(stages, list(valid_counts), [0] * B, [0] * B)
+    return PrefillPlan(stages, list(valid_counts), [0] * B, [0] * B, config.selection)
 
 
 def layer_flops(tokens: int, context: int, hidden: int, kv_hidden: int, mlp: int) -> float:
@@ -94,8 +96,14 @@ def flops_summary(plan: PrefillPlan, model_config, num_layers: int) -> dict:
         for n in counts:
             sparse += layer_flops(n, n, hidden, kv_hidden, mlp)
         dense += num_layers * layer_flops(plan.valid_counts[b], plan.valid_counts[b], hidden, kv_hidden, mlp)
+    head_dim = hidden // heads
     for stage in plan.stages:
         for n, r in zip(stage.tokens_before, plan.rater_counts):
+            if plan.selection == "random":
+                continue  # a hash per token: no matmul
             # selection: keys of all tokens, rater queries, rater x token scores
             sparse += 2 * n * hidden * kv_hidden + 2 * r * hidden * hidden + 2 * r * n * hidden
+            if plan.selection == "sparsevlm_v2":
+                # the RoPE-only logits (rater x token dot products) and the correction per head
+                sparse += 2 * r * n * head_dim + r * n * heads
     return {"sparse": sparse, "dense": dense, "ratio": dense / sparse if sparse else 1.0}

@@ -15,13 +15,15 @@ import os
 import runpy
 import sys
 
-USAGE = """\
+from .flags import usage_lines
+
+USAGE = f"""\
 usage: python -m sparsevlm_patch.run -m MODULE [ARGS ...]
        python -m sparsevlm_patch.run SCRIPT.py [ARGS ...]
 
 Runs MODULE or SCRIPT.py unchanged, as __main__, with the SparseVLM hooks installed,
 then prints an efficiency summary to stderr. Configure with the environment:
-SPARSEVLM (1/0), SPARSEVLM_RETAIN, SPARSEVLM_LAYERS, SPARSEVLM_SCHEDULE, SPARSEVLM_RECYCLE."""
+{usage_lines()}"""
 
 
 class Tally:

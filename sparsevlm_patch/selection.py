@@ -122,3 +122,62 @@ def recycle(
     sums = assign.transpose(1, 2) @ cand
     sizes = assign.sum(1)
     return (sums / sizes.clamp(min=1)[..., None]).to(hidden.dtype)
+
+
+# ----------------------------------------------------------------------------- other rules
+
+def last_rater(candidates: torch.Tensor) -> torch.Tensor:
+    """FastV's rater: the last prompt token alone. candidates: bool [B, R] (valid rater slots,
+    in order) -> bool [B, R], True at the last valid one."""
+    last = candidates.sum(1, keepdim=True) - 1
+    return (torch.arange(candidates.shape[1], device=candidates.device)[None] == last) & candidates
+
+
+def rope_only_logits(cos: torch.Tensor, sin: torch.Tensor, query_pos: torch.Tensor,
+                     key_pos: torch.Tensor) -> torch.Tensor:
+    """SparseVLM v2.0's "attention gravity": the attention logit that RoPE alone gives a pair
+    of positions, i.e. an all-ones query and an all-ones key, each rotated at its position,
+    dot product over sqrt(head_dim). cos/sin [P, d]; query_pos [B, R], key_pos [B, N] ->
+    float32 [B, R, N]."""
+    d = cos.shape[-1]
+    sign = torch.cat([-torch.ones(d // 2), torch.ones(d // 2)]).to(cos.device)
+    rotated_ones = cos.float() + sign * sin.float()  # ones * cos + rotate_half(ones) * sin
+    q, k = rotated_ones[query_pos], rotated_ones[key_pos]
+    return torch.einsum("brd,bnd->brn", q, k) / math.sqrt(d)
+
+
+def head_count_v2(heads: int) -> int:
+    """Heads kept by v2.0: 14 of 32 on a 7B, the same share of other models (at least one)."""
+    return max(1, round(heads * 14 / 32))
+
+
+def v2_scores(probs: torch.Tensor, rope_logits: torch.Tensor, raters: torch.Tensor,
+              visual: torch.Tensor, heads_kept: int) -> torch.Tensor:
+    """SparseVLM v2.0's score of each visual slot.
+
+    Every rater -> token probability is divided by the RoPE-only logit of its pair of
+    positions; per sample, the `heads_kept` heads with the largest corrected rater -> visual
+    attention are kept; a visual slot's score is its corrected attention averaged over those
+    heads and the raters. probs [B, H, R, N], rope_logits [B, R, N], raters bool [B, R],
+    visual [B, N] -> [B, N] (non-visual slots -inf)."""
+    corrected = probs / rope_logits[:, None]
+    rater_mean = raters.float() / raters.sum(1, keepdim=True).clamp(min=1)
+    per_head = torch.einsum("bhrn,br->bhn", corrected, rater_mean)  # [B, H, N]
+    per_head = torch.where(visual[:, None], per_head, 0.0)
+    totals = per_head.sum(-1)
+    kept = top_k_mask(totals, torch.full_like(totals[:, 0], heads_kept, dtype=torch.long), heads_kept)
+    scores = torch.einsum("bhn,bh->bn", per_head, kept.float()) / heads_kept
+    return torch.where(visual, scores, float("-inf"))
+
+
+def random_scores(rank: torch.Tensor, visual: torch.Tensor, seed: int, stage: int) -> torch.Tensor:
+    """Seeded uniform scores for the `random` rule: a hash of (seed, pruning stage, the
+    token's rank among its sample's visual tokens), so a sample gets the same selection
+    alone, in any batch and on any device, with no generator state. rank [B, N] -> float64
+    [B, N] (non-visual slots -inf)."""
+    mask = 0xFFFFFFFF
+    x = (rank * 0x9E3779B1 + ((seed * 0x85EBCA6B + (stage + 1) * 0xC2B2AE35) & mask)) & mask
+    for _ in range(2):  # xorshift-multiply: a bijection of 32-bit integers, so no ties
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & mask
+    x = (x >> 16) ^ x
+    return torch.where(visual, x.double(), float("-inf"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from typing import List
+from typing import List, Optional
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -19,8 +19,9 @@ from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from .layout import BatchLayout, to_device
 from .plan import PrefillPlan, StagePlan, flops_summary
-from .selection import (gather_rows, rater_attention, rater_weights, recycle, select_raters, top_k_mask,
-                        visual_scores)
+from .state import mark_full_rope
+from .selection import (gather_rows, head_count_v2, random_scores, rater_attention, rater_weights, recycle,
+                        rope_only_logits, select_raters, top_k_mask, v2_scores, visual_scores)
 
 
 class PrunedCache(DynamicCache):
@@ -29,6 +30,12 @@ class PrunedCache(DynamicCache):
     `stage_valid[s]` marks the real (non-pad) slots of the layers of stage s;
     `layer_stage[i]` is the stage of layer i. Layer 0 always holds the whole prompt, so
     upstream's generation loop reads the right past length from it.
+
+    Like upstream's legacy tuples, a PrunedCache is never changed by a later call: each decode
+    step extends a copy and returns it, so one prefill's cache can serve several
+    continuations. Only the plugin's sparse forward can read it (its layers need per-layer
+    masks): upstream's forward, e.g. after `sparsevlm_patch.remove()` in the middle of a
+    generation, gets a clear error instead of wrong attention.
     """
 
     def __init__(self) -> None:
@@ -36,6 +43,25 @@ class PrunedCache(DynamicCache):
         self.stage_valid: List[torch.Tensor] = []
         self.stage_all_valid: List[bool] = []  # host: the stage's slots hold no pads
         self.layer_stage: List[int] = []
+        self.in_sparse_forward = False
+
+    def branch(self) -> "PrunedCache":
+        """A copy to extend (the tensors are shared; extending one replaces them in the copy)."""
+        new = PrunedCache()
+        new.key_cache, new.value_cache = list(self.key_cache), list(self.value_cache)
+        new.seen_tokens = self.seen_tokens
+        new.stage_valid, new.stage_all_valid = list(self.stage_valid), list(self.stage_all_valid)
+        new.layer_stage = list(self.layer_stage)
+        return new
+
+    def get_usable_length(self, new_seq_length: int, layer_idx: Optional[int] = 0) -> int:
+        if not self.in_sparse_forward:
+            raise RuntimeError(
+                "this KV cache was pruned by sparsevlm_patch (its layers hold different tokens) and only "
+                "the plugin's decode can continue it, but the language model ran upstream's forward: "
+                "sparsevlm_patch.remove() was probably called during this generation. Call "
+                "sparsevlm_patch.apply() to finish it, or start a new generation (which runs dense)")
+        return super().get_usable_length(new_seq_length, layer_idx)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
@@ -100,9 +126,28 @@ def _rotate(x: torch.Tensor, cos, sin, pos: torch.Tensor) -> torch.Tensor:
     return x * cos[pos].unsqueeze(2) + rotate_half(x) * sin[pos].unsqueeze(2)
 
 
+@dataclass
+class Rating:
+    """What the selection rule needs at every pruning layer, made once per forward."""
+
+    rule: str
+    rater_weight: torch.Tensor  # [B, R]: 1 / (raters x heads) on raters (sparsevlm, fastv)
+    raters: torch.Tensor  # bool [B, R]
+    visual_rank: torch.Tensor = None  # [B, L + 1]: rank among the sample's visual tokens (random)
+    seed: int = 0
+
+
 @torch.no_grad()
 def _scores(layer, act: Active, rater_weight: torch.Tensor, rope_len: int) -> torch.Tensor:
-    """Rater -> visual attention of `layer` over the active tokens, from queries and keys."""
+    """Rater -> visual attention of `layer` over the active tokens, from queries and keys
+    (the sparsevlm and fastv rules: averaged over heads and raters)."""
+    probs, _, _ = _rater_probs(layer, act, rope_len)
+    return visual_scores(probs, rater_weight, act.visual)
+
+
+def _rater_probs(layer, act: Active, rope_len: int):
+    """Eager attention's probabilities of the rater rows of `layer` [B, H, R, N], and the
+    layer's RoPE tables."""
     attn = layer.self_attn
     B, N, _ = act.hidden.shape
     x = layer.input_layernorm(act.hidden)
@@ -117,11 +162,22 @@ def _scores(layer, act: Active, rater_weight: torch.Tensor, rope_len: int) -> to
     else:
         key, query = _rotate(key, cos, sin, act.pos), _rotate(query, cos, sin, rater_pos)
     key = repeat_kv(key.transpose(1, 2), attn.num_key_value_groups)
-    probs = rater_attention(query.transpose(1, 2), key, act.rater_slot, act.valid)
-    return visual_scores(probs, rater_weight, act.visual)
+    return rater_attention(query.transpose(1, 2), key, act.rater_slot, act.valid), cos, sin
 
 
-def _prune(layer, act: Active, stage: StagePlan, counts, rater_weight, fallback, rope_len, length) -> Active:
+@torch.no_grad()
+def _rule_scores(layer, act: Active, rating: Rating, rope_len: int, stage_index: int) -> torch.Tensor:
+    if rating.rule == "random":
+        return random_scores(rating.visual_rank.gather(1, act.orig), act.visual, rating.seed, stage_index)
+    if rating.rule == "sparsevlm_v2":
+        probs, cos, sin = _rater_probs(layer, act, rope_len)
+        gravity = rope_only_logits(cos, sin, act.pos.gather(1, act.rater_slot), act.pos)
+        return v2_scores(probs, gravity, rating.raters, act.visual, head_count_v2(layer.self_attn.num_heads))
+    return _scores(layer, act, rating.rater_weight, rope_len)
+
+
+def _prune(layer, act: Active, stage: StagePlan, counts, rating: Rating, fallback, rope_len, length,
+           stage_index: int) -> Active:
     """Score, select, recycle and compact before `layer`. `counts`: device [4, B] copy of the
     stage's kept / candidates / recycled / tokens (copied before the layers run);
     `fallback`: device [B] bool, or None when every sample has prompt text."""
@@ -136,7 +192,7 @@ def _prune(layer, act: Active, stage: StagePlan, counts, rater_weight, fallback,
         rater_slot[:, 0] = torch.where(fallback, last_pool, rater_slot[:, 0])
         act.rater_slot = rater_slot
 
-    scores = _scores(layer, act, rater_weight, rope_len)
+    scores = _rule_scores(layer, act, rating, rope_len, stage_index)
     kept = top_k_mask(scores, kept_n, max(stage.kept))
 
     max_rec = max(stage.recycled)
@@ -169,6 +225,26 @@ def _prune(layer, act: Active, stage: StagePlan, counts, rater_weight, fallback,
     )
 
 
+def _rating(rule: str, layout: BatchLayout, embeds, cand_idx, cand_ok, heads: int, seed: int):
+    """The rule's rating and rater slots for this batch. sparsevlm and sparsevlm_v2 choose
+    raters among the question's tokens from the LLM-input embeddings; fastv rates with the
+    last prompt token alone; random needs no rater."""
+    if rule == "fastv":
+        last = (cand_ok.sum(1, keepdim=True) - 1).clamp(min=0)
+        cand_idx, cand_ok = cand_idx.gather(1, last), cand_ok.any(1, keepdim=True)
+        raters = cand_ok
+    elif rule == "random":
+        raters = cand_ok
+    else:
+        vis_idx, vis_ok = layout.padded_index("visual", embeds.device)
+        raters = select_raters(gather_rows(embeds, vis_idx), vis_ok, gather_rows(embeds, cand_idx), cand_ok)
+    rank = None
+    if rule == "random":
+        rank = torch.cumsum(layout.visual.long(), 1) - 1
+        rank = torch.cat([rank, torch.zeros_like(rank[:, :1])], 1)  # recycled tokens and pads: column L
+    return Rating(rule, rater_weights(raters, heads), raters, rank, seed), cand_idx
+
+
 def _scatter(full: torch.Tensor, act: Active) -> torch.Tensor:
     index = act.orig[..., None].expand(-1, -1, full.shape[-1])
     return full.scatter(1, index, act.hidden)
@@ -188,11 +264,9 @@ def sparse_prefill(model, state, layout: BatchLayout, plan: PrefillPlan, *, atte
     rope_len = L  # prefill positions are < L, whoever made them
     _ensure_rope(layers, inputs_embeds, rope_len)
 
-    vis_idx, vis_ok = layout.padded_index("visual", device)
     cand_idx, cand_ok = layout.padded_index("question", device)
-    raters = select_raters(gather_rows(inputs_embeds, vis_idx), vis_ok,
-                           gather_rows(inputs_embeds, cand_idx), cand_ok)
-    rater_weight = rater_weights(raters, model.config.num_attention_heads)
+    rating, rater_slot = _rating(plan.selection, layout, inputs_embeds, cand_idx, cand_ok,
+                                 model.config.num_attention_heads, state.config.seed)
     fallback = None
     if any(s.rater_fallback for s in layout.samples):
         fallback = to_device(torch.tensor([s.rater_fallback for s in layout.samples]), device)
@@ -205,10 +279,12 @@ def sparse_prefill(model, state, layout: BatchLayout, plan: PrefillPlan, *, atte
         pos=pos,
         valid=layout.valid,
         visual=layout.visual,
-        rater_slot=cand_idx,
+        rater_slot=rater_slot,
         all_valid=layout.padding_side is None,
     )
     cache = PrunedCache() if use_cache else None
+    if cache is not None:
+        cache.in_sparse_forward = True
     stages = {s.layer: (j, s) for j, s in enumerate(plan.stages)}
     full = None
     mask = attention_mask_for(act.valid, act.all_valid, inputs_embeds.dtype, impl)
@@ -224,7 +300,7 @@ def sparse_prefill(model, state, layout: BatchLayout, plan: PrefillPlan, *, atte
             if full is None:
                 full = inputs_embeds.new_zeros(B, L + 1, D)
             full = _scatter(full, act)
-            act = _prune(layer, act, stage, counts[j], rater_weight, fallback, rope_len, L)
+            act = _prune(layer, act, stage, counts[j], rating, fallback, rope_len, L, j)
             mask = attention_mask_for(act.valid, act.all_valid, inputs_embeds.dtype, impl)
             if cache is not None:
                 cache.stage_valid.append(act.valid)
@@ -236,6 +312,8 @@ def sparse_prefill(model, state, layout: BatchLayout, plan: PrefillPlan, *, atte
             hidden_states.append(act.hidden if full is None else _scatter(full, act)[:, :L])
         act.hidden = _run_layer(model, layer, act.hidden, mask, act.pos, cache, use_cache)
 
+    if cache is not None:
+        cache.in_sparse_forward = False
     if full is None:
         last = act.hidden
         keep = act.valid.clone()
@@ -258,7 +336,10 @@ def sparse_prefill(model, state, layout: BatchLayout, plan: PrefillPlan, *, atte
 
 def sparse_decode(model, cache: PrunedCache, *, input_ids, attention_mask, position_ids,
                   inputs_embeds, output_hidden_states, return_dict):
-    """Decode steps over a pruned cache: each layer attends to exactly what it kept."""
+    """Decode steps over a pruned cache: each layer attends to exactly what it kept. Returns a
+    new cache; `cache` itself is left as it was."""
+    cache = cache.branch()
+    mark_full_rope(model)
     if inputs_embeds is None:
         inputs_embeds = model.embed_tokens(input_ids)
     B, s, _ = inputs_embeds.shape
@@ -283,13 +364,17 @@ def sparse_decode(model, cache: PrunedCache, *, input_ids, attention_mask, posit
 
     hidden = inputs_embeds
     hidden_states = [] if output_hidden_states else None
-    with _decode_attention_backends(device):
-        for i, layer in enumerate(model.layers):
-            if output_hidden_states:
-                hidden_states.append(hidden)
-            out = layer(hidden, attention_mask=masks[cache.layer_stage[i]], position_ids=position_ids,
-                        past_key_value=cache, output_attentions=False, use_cache=True)
-            hidden = out[0]
+    cache.in_sparse_forward = True
+    try:
+        with _decode_attention_backends(device):
+            for i, layer in enumerate(model.layers):
+                if output_hidden_states:
+                    hidden_states.append(hidden)
+                out = layer(hidden, attention_mask=masks[cache.layer_stage[i]], position_ids=position_ids,
+                            past_key_value=cache, output_attentions=False, use_cache=True)
+                hidden = out[0]
+    finally:
+        cache.in_sparse_forward = False
     hidden = model.norm(hidden)
     if output_hidden_states:
         hidden_states.append(hidden)
@@ -316,6 +401,7 @@ def prefill_stats(plan: PrefillPlan, image_spans, model_config, num_layers: int,
     (nothing to prune), so no selection FLOPs were spent."""
     samples = range(len(plan.visual_counts))
     return {
+        "selection": plan.selection,
         "pruning_layers": [s.layer for s in plan.stages],
         "visual_tokens": list(plan.visual_counts),
         "kept_visual": [[s.kept[b] for s in plan.stages] for b in samples],

@@ -6,13 +6,12 @@ follow the environment's configuration when the hooks are installed with SPARSEV
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .config import DEFAULT_LAYERS, SparseConfig, config_from_env, env_enabled, make_config
+from .config import SparseConfig, config_from_env, env_enabled
 
 STATE_ATTR = "_sparsevlm_state"
 FULL_ROPE_ATTR = "_sparsevlm_full_rope_table"
@@ -33,7 +32,6 @@ def remove_listener(fn) -> None:
 class SparseState:
     config: Optional[SparseConfig]
     enabled: bool = True
-    pending: object = None  # BatchLayout of the next forward, set by the multimodal hook
     # Training labels for choosing raters when the Trainer keeps them from the model
     # (label smoothing pops them): raters must never come from answers.
     rater_labels: Optional[torch.Tensor] = None
@@ -66,47 +64,39 @@ def language_model(model):
     return model.get_model() if hasattr(model, "get_model") else model
 
 
-def _set_full_rope(inner, on: bool) -> None:
-    # Compact batches carry original position ids beyond their own length: upstream's
-    # attention must index the whole RoPE table, not its first kv_seq_len rows.
+def mark_full_rope(inner) -> None:
+    """Compact batches carry original position ids beyond their own length: upstream's
+    attention must index the whole RoPE table, not its first kv_seq_len rows. The mark stays
+    once a model has been sparse (also after `disable`): a decode over a cache pruned before
+    `disable` still needs it, and the whole table holds the same values at every position,
+    so upstream's outputs are unchanged."""
     for layer in getattr(inner, "layers", []):
-        rotary = layer.self_attn.rotary_emb
-        if on:
-            setattr(rotary, FULL_ROPE_ATTR, True)
-        else:
-            rotary.__dict__.pop(FULL_ROPE_ATTR, None)
+        layer.self_attn.rotary_emb.__dict__[FULL_ROPE_ATTR] = True
 
 
-def _num_layers(inner) -> Optional[int]:
+def full_rope(rotary) -> bool:
+    return FULL_ROPE_ATTR in rotary.__dict__
+
+
+def num_layers(inner) -> Optional[int]:
     return getattr(inner.config, "num_hidden_layers", None) if hasattr(inner, "config") else None
 
 
-def enable(model, retain_tokens=None, pruning_layers=DEFAULT_LAYERS, recycle=True, keep_schedule=None):
-    """Run `model` sparse with this configuration (overrides the environment's).
+def get_state(model) -> Optional[SparseState]:
+    """The sparse state of `model` (any wrapper of it), None if never configured."""
+    return language_model(model).__dict__.get(STATE_ATTR)
 
-    `retain_tokens`: 192 / 128 / 96 / 64 (presets) or any number, None = 64; or
-    `keep_schedule`: the visual tokens kept at each pruning layer, instead of a budget."""
-    from .hooks import apply
 
-    unwrapped = unwrap(model)
-    if not hasattr(unwrapped, "get_vision_tower"):
-        warnings.warn(f"sparsevlm_patch.enable: {type(unwrapped).__name__} is not a LLaVA model (it has "
-                      "no vision tower, so no visual tokens to prune): it keeps running as upstream",
-                      stacklevel=2)
+def configure(model, config: SparseConfig) -> None:
+    """Run `model` sparse with `config` (data only: installs no hook)."""
     inner = language_model(model)
-    config = make_config(retain_tokens, pruning_layers, keep_schedule, recycle,
-                         num_layers=_num_layers(inner))
-    apply()
-    setattr(inner, STATE_ATTR, SparseState(config=config))
-    _set_full_rope(inner, True)
-    return model
+    inner.__dict__[STATE_ATTR] = SparseState(config=config)
+    mark_full_rope(inner)
 
 
 def disable(model):
     """Run `model` exactly as upstream does (it keeps no sparse state)."""
-    inner = language_model(model)
-    setattr(inner, STATE_ATTR, SparseState(config=None, enabled=False))
-    _set_full_rope(inner, False)
+    language_model(model).__dict__[STATE_ATTR] = SparseState(config=None, enabled=False)
     return model
 
 
@@ -115,19 +105,19 @@ def state_for(model, auto: bool) -> Optional[SparseState]:
     inner = language_model(model)
     state = inner.__dict__.get(STATE_ATTR)
     if state is None and auto and env_enabled():
-        state = SparseState(config=config_from_env(num_layers=_num_layers(inner)))
-        setattr(inner, STATE_ATTR, state)
-        _set_full_rope(inner, True)
+        state = SparseState(config=config_from_env(num_layers=num_layers(inner)))
+        inner.__dict__[STATE_ATTR] = state
+        mark_full_rope(inner)
     return state
 
 
 def last_keep_mask(model) -> Optional[torch.Tensor]:
     """bool [B, L] of the latest prefill: True where the token reached the last layer."""
-    state = language_model(model).__dict__.get(STATE_ATTR)
+    state = get_state(model)
     return None if state is None else state.keep_mask
 
 
 def last_stats(model) -> Optional[dict]:
     """Kept visual tokens per pruning layer and sample, recycled counts, FLOPs vs dense."""
-    state = language_model(model).__dict__.get(STATE_ATTR)
+    state = get_state(model)
     return None if state is None else state.stats

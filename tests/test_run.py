@@ -22,6 +22,9 @@ from llava.model.builder import load_pretrained_model
 
 args = sys.argv[1:]
 code = int(args.pop()[len("--exit="):]) if args[-1].startswith("--exit=") else 0
+# --sample: upstream's eval default (model_vqa_loader's --temperature 0.2, top_p None)
+sampling = dict(do_sample=True, temperature=0.2, top_p=None) if "--sample" in args else dict(do_sample=False)
+args = [a for a in args if a != "--sample"]
 model_dir, image_paths = args[0], args[1:]
 print("target argv0:", sys.argv[0])
 tokenizer, model, processor, _ = load_pretrained_model(
@@ -35,7 +38,7 @@ for path in image_paths:
     image = Image.open(path).convert("RGB")
     with torch.inference_mode():
         out = model.generate(ids[None], images=process_images([image], processor, model.config),
-                             image_sizes=[image.size], max_new_tokens=3, do_sample=False)
+                             image_sizes=[image.size], max_new_tokens=3, **sampling)
     print("generated", out.shape[1] - 1, "tokens")
 sys.exit(code)
 '''
@@ -61,10 +64,12 @@ def run(args, cwd, **env):
                           env=environ, capture_output=True, text=True, timeout=300)
 
 
-def test_script_is_pruned_with_retain_64(tiny_llava_dir, target_dir):
+@pytest.mark.parametrize("sample", [False, True])
+def test_script_is_pruned_with_retain_64(tiny_llava_dir, target_dir, sample):
     folder, images = target_dir
     script = str(folder / "tiny_generate.py")
-    result = run([script, tiny_llava_dir, *images], cwd=folder.parent, SPARSEVLM_RETAIN="64")
+    result = run([script, tiny_llava_dir, *images] + (["--sample"] if sample else []), cwd=folder.parent,
+                 SPARSEVLM_RETAIN="64")
     assert result.returncode == 0, result.stderr
     assert f"target argv0: {script}" in result.stdout
     assert result.stdout.count("generated 3 tokens") == 2

@@ -357,7 +357,7 @@ def test_training_says_the_environment_is_not_used(setup, tmp_path, monkeypatch)
 def test_an_optimizer_the_user_passed_keeps_its_groups():
     """Only the optimizer upstream builds loses its empty groups; one passed in through
     `optimizers=` (with the user's own scheduler built on it) is left as it is."""
-    from sparsevlm_patch.train import drop_empty_param_groups
+    from sparsevlm_patch.trainer_fixes import drop_empty_param_groups
 
     weight = torch.nn.Parameter(torch.zeros(2))
     groups = lambda: [{"params": [weight]}, {"params": [], "lr": 0.5}]  # noqa: E731
