@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
-from .flags import DEFAULTS, ENV_NAMES, SELECTIONS
+from .flags import CONFIG_KEYS, DEFAULTS, ENV_NAMES, SELECTIONS
 
 # Keep counts at layers 2/6/15 of the public SparseVLM release, for 576 visual tokens.
 PRESET_SCHEDULES = {
@@ -175,8 +175,7 @@ def make_config(
     the command-line flag the value came from). `num_layers` (the model's depth) checks
     layer indices; without it only the form is checked.
     """
-    names = {**{key: key for key in ("retain_tokens", "pruning_layers", "keep_schedule", "recycle",
-                                     "selection", "seed")}, **(names or {})}
+    names = {**{key: key for key in CONFIG_KEYS}, **(names or {})}
     rule = selection.strip() if isinstance(selection, str) else selection
     if rule not in SELECTIONS:
         raise ValueError(f"{names['selection']}={selection!r} is not a selection rule: expected one of "

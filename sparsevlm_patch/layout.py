@@ -60,16 +60,16 @@ class BatchLayout:
             visual=self.visual.repeat_interleave(copies, dim=0),
         )
 
-    def padded_index(self, kind: str, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    def padded_index(self, kind: str, device, width: int = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """[B, M] column indices of each sample's visual tokens or rater candidates
-        (padded with 0) and their validity mask."""
+        (padded with 0) and their validity mask; M = the longest, or `width`."""
         rows = []
         for s in self.samples:
             if kind == "visual":
                 rows.append([i for start, n in s.image_spans for i in range(start, start + n)])
             else:
                 rows.append(list(range(*s.question_span)))
-        width = max(1, max(len(r) for r in rows))
+        width = width or max(1, max(len(r) for r in rows))
         index = torch.zeros(len(rows), width, dtype=torch.long)
         valid = torch.zeros(len(rows), width, dtype=torch.bool)
         for b, r in enumerate(rows):

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from .layout import BatchLayout, to_device
-from .plan import PrefillPlan, StagePlan, flops_summary
+from .plan import PrefillPlan, flops_summary
 from .state import mark_full_rope
 from .selection import (gather_rows, head_count_v2, random_scores, rater_attention, rater_weights, recycle,
                         rope_only_logits, select_raters, top_k_mask, v2_scores, visual_scores)
@@ -176,27 +176,99 @@ def _rule_scores(layer, act: Active, rating: Rating, rope_len: int, stage_index:
     return _scores(layer, act, rating.rater_weight, rope_len)
 
 
-def _prune(layer, act: Active, stage: StagePlan, counts, rating: Rating, fallback, rope_len, length,
+@dataclass
+class StageShape:
+    """Host-side sizes of one pruning stage: maxima over the batch (fixed per bucket when the
+    prefill is captured)."""
+
+    layer: int
+    changes: bool
+    kept: int
+    candidates: int
+    recycled: int
+    width: int  # active slots from this stage on
+    all_valid: bool  # no pads among them
+
+
+@dataclass
+class PrefillInputs:
+    """Everything a prefill's layers read, as device tensors (a captured prefill's static
+    buffers): the batch's embeddings and positions, its layout and its plan's counts."""
+
+    embeds: torch.Tensor  # [B, L, D]
+    pos: torch.Tensor  # [B, L]
+    valid: torch.Tensor  # bool [B, L]
+    visual: torch.Tensor  # bool [B, L]
+    cand_idx: torch.Tensor  # [B, R]: rater candidates (the question's slots)
+    cand_ok: torch.Tensor
+    vis_idx: torch.Tensor  # [B, V]: visual slots
+    vis_ok: torch.Tensor
+    counts: torch.Tensor  # [stages, 4, B]: kept / candidates / recycled / tokens
+    fallback: torch.Tensor  # bool [B]: no prompt text, the last visual token rates
+
+    def tensors(self) -> dict:
+        return dict(self.__dict__)
+
+
+def stage_shapes(plan: PrefillPlan, length: int = None) -> List[StageShape]:
+    """Sizes of each stage; with `length` (a bucket past the batch's own length) the widths
+    hold every sample padded to `length`, so that they depend only on the bucket and the
+    samples' visual counts."""
+    shapes = []
+    for stage in plan.stages:
+        if length is None:
+            width, all_valid = max(stage.tokens), len(set(stage.tokens)) == 1
+        else:
+            removed = [v - t for v, t in zip(plan.valid_counts, stage.tokens)]
+            width, all_valid = length - min(removed), False
+        shapes.append(StageShape(stage.layer, stage.changes, max(stage.kept), max(stage.candidates),
+                                 max(stage.recycled), width, all_valid))
+    return shapes
+
+
+def prefill_inputs(layout: BatchLayout, plan: PrefillPlan, inputs_embeds, position_ids,
+                   length: int = None, raters: int = None) -> PrefillInputs:
+    """The device inputs of a prefill; with `length` / `raters`, padded to those sizes (pad
+    slots are invalid, pad rater slots unused)."""
+    B, L, D = inputs_embeds.shape
+    device = inputs_embeds.device
+    length = length or L
+    if position_ids is None:
+        position_ids = torch.arange(L, device=device)[None]
+    pos = position_ids.expand(B, L)
+    cand_idx, cand_ok = layout.padded_index("question", device, width=raters)
+    vis_idx, vis_ok = layout.padded_index("visual", device)
+    counts = torch.tensor([[s.kept, s.candidates, s.recycled, s.tokens] for s in plan.stages], dtype=torch.long)
+    fallback = torch.tensor([s.rater_fallback for s in layout.samples])
+    extra = length - L
+    pad = (lambda t, value=0: t if extra == 0 else  # noqa: E731
+           torch.cat([t, t.new_full((B, extra) + t.shape[2:], value)], 1))
+    return PrefillInputs(
+        embeds=pad(inputs_embeds), pos=pad(pos), valid=pad(layout.valid, False), visual=pad(layout.visual, False),
+        cand_idx=cand_idx, cand_ok=cand_ok, vis_idx=vis_idx, vis_ok=vis_ok,
+        counts=to_device(counts.reshape(len(plan.stages), 4, B), device), fallback=to_device(fallback, device))
+
+
+def _prune(layer, act: Active, shape: StageShape, counts, rating: Rating, fallback, rope_len, length,
            stage_index: int) -> Active:
     """Score, select, recycle and compact before `layer`. `counts`: device [4, B] copy of the
     stage's kept / candidates / recycled / tokens (copied before the layers run);
-    `fallback`: device [B] bool, or None when every sample has prompt text."""
+    `fallback`: device [B] bool."""
     device = act.hidden.device
     kept_n, cand_n, rec_n, tokens_n = counts
     B, N, D = act.hidden.shape
     slots = torch.arange(N, device=device)
     last_pool = (act.visual * slots).amax(dim=1)
-    if fallback is not None:
-        # Samples without prompt text are rated by their last visual token, wherever it is now.
-        rater_slot = act.rater_slot.clone()
-        rater_slot[:, 0] = torch.where(fallback, last_pool, rater_slot[:, 0])
-        act.rater_slot = rater_slot
+    # Samples without prompt text are rated by their last visual token, wherever it is now.
+    rater_slot = act.rater_slot.clone()
+    rater_slot[:, 0] = torch.where(fallback, last_pool, rater_slot[:, 0])
+    act.rater_slot = rater_slot
 
     scores = _rule_scores(layer, act, rating, rope_len, stage_index)
-    kept = top_k_mask(scores, kept_n, max(stage.kept))
+    kept = top_k_mask(scores, kept_n, shape.kept)
 
-    max_rec = max(stage.recycled)
-    recycled = recycle(act.hidden, scores, act.visual & ~kept, cand_n, rec_n, max(stage.candidates), max_rec)
+    max_rec = shape.recycled
+    recycled = recycle(act.hidden, scores, act.visual & ~kept, cand_n, rec_n, shape.candidates, max_rec)
     rec_ok = torch.arange(max_rec, device=device)[None] < rec_n[:, None]
 
     # New order: surviving slots in their order, recycled tokens right after the last
@@ -206,7 +278,7 @@ def _prune(layer, act: Active, stage: StagePlan, counts, rating: Rating, fallbac
     key_old = torch.where(survive, 2 * slots, big + slots)
     key_rec = torch.where(rec_ok, 2 * last_pool[:, None] + 1,
                           big + N + torch.arange(max_rec, device=device)[None])
-    width = max(stage.tokens)
+    width = shape.width
     order = torch.argsort(torch.cat([key_old, key_rec], 1), dim=1, stable=True)[:, :width]
     valid = torch.arange(width, device=device)[None] < tokens_n[:, None]
 
@@ -221,14 +293,15 @@ def _prune(layer, act: Active, stage: StagePlan, counts, rating: Rating, fallbac
         valid=valid,
         visual=torch.cat([kept, rec_ok], 1).gather(1, order) & valid,
         rater_slot=inverse.gather(1, act.rater_slot),
-        all_valid=len(set(stage.tokens)) == 1,
+        all_valid=shape.all_valid,
     )
 
 
-def _rating(rule: str, layout: BatchLayout, embeds, cand_idx, cand_ok, heads: int, seed: int):
+def _rating(rule: str, inp: PrefillInputs, heads: int, seed: int):
     """The rule's rating and rater slots for this batch. sparsevlm and sparsevlm_v2 choose
     raters among the question's tokens from the LLM-input embeddings; fastv rates with the
     last prompt token alone; random needs no rater."""
+    cand_idx, cand_ok = inp.cand_idx, inp.cand_ok
     if rule == "fastv":
         last = (cand_ok.sum(1, keepdim=True) - 1).clamp(min=0)
         cand_idx, cand_ok = cand_idx.gather(1, last), cand_ok.any(1, keepdim=True)
@@ -236,11 +309,11 @@ def _rating(rule: str, layout: BatchLayout, embeds, cand_idx, cand_ok, heads: in
     elif rule == "random":
         raters = cand_ok
     else:
-        vis_idx, vis_ok = layout.padded_index("visual", embeds.device)
-        raters = select_raters(gather_rows(embeds, vis_idx), vis_ok, gather_rows(embeds, cand_idx), cand_ok)
+        raters = select_raters(gather_rows(inp.embeds, inp.vis_idx), inp.vis_ok,
+                               gather_rows(inp.embeds, cand_idx), cand_ok)
     rank = None
     if rule == "random":
-        rank = torch.cumsum(layout.visual.long(), 1) - 1
+        rank = torch.cumsum(inp.visual.long(), 1) - 1
         rank = torch.cat([rank, torch.zeros_like(rank[:, :1])], 1)  # recycled tokens and pads: column L
     return Rating(rule, rater_weights(raters, heads), raters, rank, seed), cand_idx
 
@@ -250,58 +323,37 @@ def _scatter(full: torch.Tensor, act: Active) -> torch.Tensor:
     return full.scatter(1, index, act.hidden)
 
 
-def sparse_prefill(model, state, layout: BatchLayout, plan: PrefillPlan, *, attention_mask, position_ids,
-                   inputs_embeds, use_cache, output_hidden_states, return_dict):
-    """Prefill (or training forward) of `model` (a LlamaModel) with pruning by `plan`."""
+def run_prefill(model, inp: PrefillInputs, shapes: List[StageShape], rule: str, seed: int, *, all_valid: bool,
+                use_cache: bool, output_hidden_states: bool = False):
+    """The layers of a sparse prefill on device inputs alone (no host round-trip: this is what
+    a CUDA graph captures). Returns (normed last hidden states [B, L, D], keep mask [B, L],
+    PrunedCache or None, per-layer hidden states or None)."""
     layers = model.layers
-    B, L, D = inputs_embeds.shape
-    device = inputs_embeds.device
+    B, L, D = inp.embeds.shape
+    device = inp.embeds.device
     impl = getattr(model.config, "_attn_implementation", "eager")
-
-    if position_ids is None:
-        position_ids = torch.arange(L, device=device)[None]
-    pos = position_ids.expand(B, L)
     rope_len = L  # prefill positions are < L, whoever made them
-    _ensure_rope(layers, inputs_embeds, rope_len)
-
-    cand_idx, cand_ok = layout.padded_index("question", device)
-    rating, rater_slot = _rating(plan.selection, layout, inputs_embeds, cand_idx, cand_ok,
-                                 model.config.num_attention_heads, state.config.seed)
-    fallback = None
-    if any(s.rater_fallback for s in layout.samples):
-        fallback = to_device(torch.tensor([s.rater_fallback for s in layout.samples]), device)
-    counts = to_device(torch.tensor([[s.kept, s.candidates, s.recycled, s.tokens] for s in plan.stages]
-                                    ).reshape(len(plan.stages), 4, B), device)
-
-    act = Active(
-        hidden=inputs_embeds,
-        orig=torch.arange(L, device=device)[None].expand(B, L),
-        pos=pos,
-        valid=layout.valid,
-        visual=layout.visual,
-        rater_slot=rater_slot,
-        all_valid=layout.padding_side is None,
-    )
+    rating, rater_slot = _rating(rule, inp, model.config.num_attention_heads, seed)
+    act = Active(hidden=inp.embeds, orig=torch.arange(L, device=device)[None].expand(B, L), pos=inp.pos,
+                 valid=inp.valid, visual=inp.visual, rater_slot=rater_slot, all_valid=all_valid)
     cache = PrunedCache() if use_cache else None
     if cache is not None:
         cache.in_sparse_forward = True
-    stages = {s.layer: (j, s) for j, s in enumerate(plan.stages)}
-    full = None
-    mask = attention_mask_for(act.valid, act.all_valid, inputs_embeds.dtype, impl)
-    hidden_states = [] if output_hidden_states else None
-    stage_index = 0
-    if cache is not None:
         cache.stage_valid.append(act.valid)
         cache.stage_all_valid.append(act.all_valid)
-
+    stages = {s.layer: (j, s) for j, s in enumerate(shapes)}
+    full = None
+    mask = attention_mask_for(act.valid, act.all_valid, inp.embeds.dtype, impl)
+    hidden_states = [] if output_hidden_states else None
+    stage_index = 0
     for i, layer in enumerate(layers):
-        j, stage = stages.get(i, (None, None))
-        if stage is not None and stage.changes:
+        j, shape = stages.get(i, (None, None))
+        if shape is not None and shape.changes:
             if full is None:
-                full = inputs_embeds.new_zeros(B, L + 1, D)
+                full = inp.embeds.new_zeros(B, L + 1, D)
             full = _scatter(full, act)
-            act = _prune(layer, act, stage, counts[j], rating, fallback, rope_len, L, j)
-            mask = attention_mask_for(act.valid, act.all_valid, inputs_embeds.dtype, impl)
+            act = _prune(layer, act, shape, inp.counts[j], rating, inp.fallback, rope_len, L, j)
+            mask = attention_mask_for(act.valid, act.all_valid, inp.embeds.dtype, impl)
             if cache is not None:
                 cache.stage_valid.append(act.valid)
                 cache.stage_all_valid.append(act.all_valid)
@@ -311,7 +363,6 @@ def sparse_prefill(model, state, layout: BatchLayout, plan: PrefillPlan, *, atte
         if output_hidden_states:
             hidden_states.append(act.hidden if full is None else _scatter(full, act)[:, :L])
         act.hidden = _run_layer(model, layer, act.hidden, mask, act.pos, cache, use_cache)
-
     if cache is not None:
         cache.in_sparse_forward = False
     if full is None:
@@ -324,10 +375,25 @@ def sparse_prefill(model, state, layout: BatchLayout, plan: PrefillPlan, *, atte
     last = model.norm(last)
     if output_hidden_states:
         hidden_states.append(last)
+    return last, keep, cache, hidden_states
 
-    state.record(keep, prefill_stats(plan, [s.image_spans for s in layout.samples], model.config, len(layers)))
-    outputs = (last, cache if use_cache else None,
-               tuple(hidden_states) if output_hidden_states else None, None)
+
+def sparse_prefill(model, state, layout: BatchLayout, plan: PrefillPlan, *, attention_mask, position_ids,
+                   inputs_embeds, use_cache, output_hidden_states, return_dict):
+    """Prefill (or training forward) of `model` (a LlamaModel) with pruning by `plan`."""
+    _ensure_rope(model.layers, inputs_embeds, inputs_embeds.shape[1])
+    inp = prefill_inputs(layout, plan, inputs_embeds, position_ids)
+    last, keep, cache, hidden_states = run_prefill(
+        model, inp, stage_shapes(plan), plan.selection, state.config.seed, all_valid=layout.padding_side is None,
+        use_cache=use_cache, output_hidden_states=output_hidden_states)
+    state.record(keep, prefill_stats(plan, [s.image_spans for s in layout.samples], model.config,
+                                     len(model.layers)))
+    return model_outputs(last, cache, hidden_states, return_dict)
+
+
+def model_outputs(last, cache, hidden_states, return_dict):
+    """What upstream's LlamaModel.forward returns."""
+    outputs = (last, cache, tuple(hidden_states) if hidden_states is not None else None, None)
     if not return_dict:
         return tuple(v for v in outputs if v is not None)
     return BaseModelOutputWithPast(last_hidden_state=outputs[0], past_key_values=outputs[1],

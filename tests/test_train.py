@@ -72,9 +72,9 @@ def test_sparse_flags_are_in_upstreams_parser():
     out = subprocess.run([sys.executable, "-m", "sparsevlm_patch.train", "--help"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
-    for flag in ("--sparse", "--retain_tokens", "--pruning_layers", "--keep_schedule",
-                 "--token_recycling", "--teacher_model_name_or_path", "--align_loss_weight",
-                 "--model_name_or_path", "--freeze_backbone"):
+    from sparsevlm_patch.flags import FLAGS
+
+    for flag in [f"--{f.train}" for f in FLAGS if f.train] + ["--model_name_or_path", "--freeze_backbone"]:
         assert flag in out.stdout
 
 
@@ -90,6 +90,10 @@ def test_sparse_flags_are_in_upstreams_parser():
     (["--align_loss_weight", "nan"], "--align_loss_weight=nan is not valid: expected a finite number"),
     (["--sparse", "False", "--retain_tokens", "64"], "--retain_tokens"),
     (["--align_loss_weight", "0", "--teacher_model_name_or_path", "/some/teacher"], "--teacher_model_name_or_path"),
+    (["--token_selection", "fast"], "--token_selection='fast' is not a selection rule: expected one of sparsevlm, "
+                                    "sparsevlm_v2, fastv, random"),
+    (["--selection_seed", "one"], "--selection_seed='one' is not a number"),
+    (["--sparse", "False", "--token_selection", "random"], "--token_selection"),
 ])
 def test_bad_flags_fail_before_loading(setup, tmp_path, monkeypatch, flags, message):
     from llava.train import train as llava_train
@@ -150,6 +154,18 @@ def test_full_finetune_distillation_with_checkpointing(setup, tmp_path, monkeypa
     saved = os.listdir(out)
     assert "config.json" in saved
     _generate_without_plugin(str(out))
+
+
+def test_distillation_with_the_v2_rule(setup, tmp_path, monkeypatch):
+    """The student prunes with sparsevlm_v2 (its presets, no recycling), the teacher stays dense."""
+    trainer = train_in_process(monkeypatch, upstream_flags(setup, tmp_path, steps=2) + [
+        "--retain_tokens", "64", "--token_selection", "sparsevlm_v2"])
+    for entry in step_logs(trainer):
+        assert (entry["kept_visual_l2"], entry["kept_visual_l6"], entry["kept_visual_l15"]) == (66, 34, 20)
+        assert entry["align_loss"] > 0 and math.isfinite(entry["loss"])
+    stats = sparsevlm_patch.last_stats(trainer.model)
+    assert stats["selection"] == "sparsevlm_v2" and stats["recycled"][0] == [0, 0, 0]
+    assert not sparsevlm_patch.last_stats(trainer._sparsevlm_distill.teacher)
 
 
 def test_align_loss_is_zero_for_identical_teacher_without_pruning(setup, tmp_path, monkeypatch):
