@@ -12,7 +12,9 @@ STAMP  := $(VENV)/.sparsevlm-setup-done
 
 setup: $(STAMP)
 
-$(STAMP):
+# Re-run (every step is idempotent) when the recipe or the pins change, so an existing
+# .venv gets what a fresh clone gets.
+$(STAMP): Makefile pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install torch==2.13.0
@@ -25,6 +27,9 @@ $(STAMP):
 	# DeepSpeed without prebuilt ops (CPU machine); its build needs the torch above.
 	DS_BUILD_OPS=0 $(BIN)/pip install deepspeed==0.16.9 --no-build-isolation
 	$(BIN)/pip install --no-deps -e .
+	# The [upstream] extra of pyproject.toml (upstream's eval and CLI scripts), pinned; none
+	# of them needs torch, so the torch above stays.
+	$(BIN)/pip install shortuuid==1.0.13 pandas==2.3.3 requests==2.34.2
 	touch $(STAMP)
 
 test: setup

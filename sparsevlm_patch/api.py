@@ -6,6 +6,7 @@ import warnings
 
 from . import hooks, state
 from .config import make_config
+from .families import check_prunable
 from .flags import CONFIG_KEYS, DEFAULTS
 
 # enable(model, retain_tokens=None, pruning_layers=(2, 6, 15), recycle=None, keep_schedule=None,
@@ -32,6 +33,9 @@ def enable(*args, **kwargs):
     values = dict(bound.arguments)
     model = values.pop("model")
     unwrapped = state.unwrap(model)
+    # Before anything is configured: a LLaVA whose LM has no sparse forward would run dense.
+    check_prunable(unwrapped, "sparsevlm_patch.enable",
+                   "Without enable(), the model runs as upstream.")
     if not hasattr(unwrapped, "get_vision_tower"):
         warnings.warn(f"sparsevlm_patch.enable: {type(unwrapped).__name__} is not a LLaVA model (it has "
                       "no vision tower, so no visual tokens to prune): it keeps running as upstream",

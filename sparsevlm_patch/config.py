@@ -52,6 +52,7 @@ class SparseConfig:
     recycle: bool = True
     selection: str = DEFAULTS["selection"]
     seed: int = DEFAULTS["seed"]
+    cuda_graphs: bool = DEFAULTS["cuda_graphs"]
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -165,6 +166,7 @@ def make_config(
     recycle=None,
     selection=DEFAULTS["selection"],
     seed=DEFAULTS["seed"],
+    cuda_graphs=DEFAULTS["cuda_graphs"],
     *,
     num_layers: Optional[int] = None,
     names: Optional[dict] = None,
@@ -232,6 +234,7 @@ def make_config(
         recycle=RULE_RECYCLES.get(rule, False) if recycle is None else parse_bool(names["recycle"], recycle),
         selection=rule,
         seed=seed_value,
+        cuda_graphs=parse_bool(names["cuda_graphs"], cuda_graphs),
     )
 
 

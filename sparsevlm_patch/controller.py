@@ -13,11 +13,14 @@ import warnings
 
 import torch
 
-from . import handoff
+from . import fastpath, handoff
 from .config import config_from_env, env_enabled
+from .families import check_prunable
 from .layout import IGNORE_INDEX, layout_from_probe
 from .plan import make_plan, text_only_plan
-from .sparse_forward import PrunedCache, prefill_stats, sparse_decode, sparse_prefill
+from .layout import to_device
+from .sparse_forward import (PrefillInputs, PrunedCache, ensure_rope, model_outputs, prefill_inputs, prefill_stats,
+                             run_prefill, sparse_decode, sparse_prefill, stage_shapes)
 from .state import full_rope, get_state, language_model, state_for
 
 _signatures = {}
@@ -49,9 +52,27 @@ def _refuse_attentions(a: dict, model) -> None:
 # ----------------------------------------------------------------------------- wrappers
 
 def call_scope(wrapped, instance, args, kwargs):
-    """LLaVA's forward / generate: a layout spliced in this call belongs to this call."""
-    with handoff.call_scope():
+    """LLaVA's forward / generate: a layout spliced in this call belongs to this call; a
+    generate() call also says what it will decode (for the fast path)."""
+    generation = _generation(instance, kwargs) if wrapped.__name__ == "generate" else None
+    with handoff.call_scope(generation):
         return wrapped(*args, **kwargs)
+
+
+def _generation(model, kwargs) -> dict:
+    """What this generate() call asks for: the new-token budget, and why (if so) its decode
+    can't run over a static cache."""
+    config = kwargs.get("generation_config") or model.generation_config
+    get = lambda name: kwargs.get(name, getattr(config, name, None))  # noqa: E731
+    reason = None
+    if (get("num_beams") or 1) > 1:
+        reason = "beam search reorders the cache"
+    elif get("penalty_alpha") or kwargs.get("assistant_model") is not None:
+        reason = "contrastive or assisted generation"
+    elif get("output_attentions") or get("output_hidden_states"):
+        reason = "generation with output_attentions or output_hidden_states"
+    new_tokens = get("max_new_tokens") or get("max_length") or 20
+    return {"new_tokens": new_tokens, "dynamic_reason": reason}
 
 
 def llama_forward(wrapped, instance, args, kwargs):
@@ -65,6 +86,9 @@ def llama_forward(wrapped, instance, args, kwargs):
         return wrapped(*args, **kwargs)
     a = _arguments(wrapped, args, kwargs)
     past = a["past_key_values"]
+    if isinstance(past, fastpath.StaticPrunedCache):
+        _refuse_attentions(a, instance)
+        return _fast_decode(instance, state, past, a)
     if isinstance(past, PrunedCache):
         # Decode over a pruned cache stays sparse even if the model was disabled since its
         # prefill: the cache holds a different token set per layer.
@@ -95,6 +119,11 @@ def llama_forward(wrapped, instance, args, kwargs):
         return outputs
     _refuse_attentions(a, instance)
     use_cache = _flag(a, instance, "use_cache")
+    if state.config.cuda_graphs:
+        reason = _fast_prefill_refusal(instance, a, use_cache)
+        if reason is None:
+            return _fast_prefill(instance, state, layout, plan, a, use_cache)
+        fastpath.fallback(reason)
     if past is not None and use_cache:
         raise ValueError(
             f"past_key_values={type(past).__name__}() given to a sparse prefill: its layers would hold "
@@ -108,6 +137,146 @@ def llama_forward(wrapped, instance, args, kwargs):
                           use_cache=use_cache,
                           output_hidden_states=_flag(a, instance, "output_hidden_states"),
                           return_dict=_flag(a, instance, "use_return_dict", "return_dict"))
+
+
+# ----------------------------------------------------------------------------- fast path
+
+def _fast_state(state) -> "fastpath.FastState":
+    if state.fast is None:
+        state.fast = fastpath.FastState()
+    return state.fast
+
+
+def _fast_prefill_refusal(model, a: dict, use_cache: bool):
+    """Why this prefill can't take the fast path (None: it can)."""
+    if model.training or torch.is_grad_enabled():
+        return "training, or gradients enabled (the fast path is for inference under torch.no_grad)"
+    if _flag(a, model, "output_hidden_states"):
+        return "output_hidden_states=True"
+    if a["past_key_values"] is not None and use_cache:
+        return "a cache object passed in to the prefill"
+    if fastpath.bucket(a["inputs_embeds"].shape[1], fastpath.LENGTH_BUCKET) > fastpath.MAX_LENGTH:
+        return f"a prompt longer than the largest bucket ({fastpath.MAX_LENGTH} tokens)"
+    return None
+
+
+def _fast_prefill(model, state, layout, plan, a: dict, use_cache: bool):
+    """A sparse prefill padded to its buckets, replayed as a CUDA graph where capture serves
+    (the same fixed-shape code eagerly elsewhere). Inside a generate() call its cache goes to
+    static buffers that the fast decode writes in place."""
+    fast = _fast_state(state)
+    embeds = a["inputs_embeds"]
+    B, L, _ = embeds.shape
+    capture = fastpath.can_capture(embeds.device)
+    if not capture:
+        fastpath.fallback(f"capture needs a CUDA device (this model is on {embeds.device.type}): the fixed-shape "
+                          "fast path runs without graphs")
+    length = fastpath.bucket(L, fastpath.LENGTH_BUCKET)
+    raters = fastpath.bucket(max(s.question_span[1] - s.question_span[0] for s in layout.samples),
+                             fastpath.RATER_BUCKET)
+    scope = handoff.generation_scope()
+    new_tokens = fastpath.bucket(scope.generation["new_tokens"], fastpath.NEW_TOKENS_BUCKET) if scope else 0
+    ensure_rope(model.layers, embeds, length + new_tokens)
+    fast.track_rope(model.layers)
+    inp = prefill_inputs(layout, plan, embeds, a["position_ids"], length=length, raters=raters)
+    shapes = stage_shapes(plan, length=length)
+    config = state.config
+    key = ("prefill", B, length, raters, tuple(plan.visual_counts), embeds.dtype, use_cache)
+    run = fastpath.runner(fast, key, lambda **t: run_prefill(
+        model, PrefillInputs(**t), shapes, config.selection, config.seed, all_valid=False, use_cache=use_cache)[:3])
+    last, keep, cache = run(capture, **inp.tensors())
+    fast.last_path = "captured" if capture else "fixed-shape, eager"
+    keep = keep[:, :L].clone()
+    stats = prefill_stats(plan, [s.image_spans for s in layout.samples], model.config, len(model.layers))
+    stats["fast_path"] = fast.report()
+    state.record(keep, stats)
+    if cache is not None:
+        cache = _static_cache(fast, cache, L) or _owned_cache(cache, L)
+    return model_outputs(last[:, :L].clone(), cache, None, _flag(a, model, "use_return_dict", "return_dict"))
+
+
+def _static_cache(fast, cache, prompt_length: int):
+    """The static cache of this generate() call, loaded with the prefill's cache, or None."""
+    scope = handoff.generation_scope()
+    if scope is None:
+        return None
+    if scope.generation["dynamic_reason"]:
+        fastpath.fallback(scope.generation["dynamic_reason"] + ": decode runs on the dynamic path")
+        return None
+    new_tokens = fastpath.bucket(scope.generation["new_tokens"], fastpath.NEW_TOKENS_BUCKET)
+    if cache.stage_valid[0].shape[1] + new_tokens > fastpath.MAX_LENGTH:
+        fastpath.fallback(f"prompt and new tokens past the largest bucket ({fastpath.MAX_LENGTH})")
+        return None
+    buffers = fastpath.decode_buffers(fast, cache, new_tokens)
+    if buffers is None:
+        fastpath.fallback("another generation in flight holds the static cache of this shape")
+        return None
+    buffers.load(cache)
+    static = fastpath.StaticPrunedCache(buffers, prompt_length)
+
+    def release():
+        static.expired = True
+        buffers.in_use = False
+
+    scope.on_exit.append(release)
+    return static
+
+
+def _owned_cache(cache, length: int) -> PrunedCache:
+    """A PrunedCache of the graph's output that later replays can't change, its first stage
+    trimmed to the prompt's own length (generation reads the past length from layer 0)."""
+    owned = PrunedCache()
+    for i, s in enumerate(cache.layer_stage):
+        trim = length if s == 0 else None
+        owned.key_cache.append(cache.key_cache[i][:, :, :trim].clone())
+        owned.value_cache.append(cache.value_cache[i][:, :, :trim].clone())
+    owned.seen_tokens = length
+    owned.stage_valid = [v[:, :length].clone() if s == 0 else v.clone() for s, v in enumerate(cache.stage_valid)]
+    owned.stage_all_valid = [False] * len(cache.stage_valid)
+    owned.layer_stage = list(cache.layer_stage)
+    return owned
+
+
+def _fast_decode(model, state, cache, a: dict):
+    """One decode step over a static pruned cache (a captured graph where capture serves)."""
+    cache.check()
+    embeds = a["inputs_embeds"] if a["inputs_embeds"] is not None else model.embed_tokens(a["input_ids"])
+    B, s, _ = embeds.shape
+    if s != 1:
+        raise ValueError(f"a fast-path (cuda_graphs) cache continues one token per step, got {s}: continue with "
+                         "cuda_graphs off for longer continuations")
+    mask = a["attention_mask"]
+    step = (mask.shape[1] if mask is not None else cache.length + 1) - 1 - cache.prompt_length
+    buffers = cache.buffers
+    if not 0 <= step < buffers.new_tokens:
+        raise ValueError(f"decode step {step} is past the {buffers.new_tokens} new tokens this generation's "
+                         "static cache was made for")
+    position_ids = a["position_ids"]
+    if position_ids is None:
+        position_ids = torch.full((B, 1), cache.prompt_length + step, dtype=torch.long, device=embeds.device)
+    new_valid = mask[:, -1:].bool() if mask is not None else torch.ones(B, 1, dtype=torch.bool, device=embeds.device)
+    capture = fastpath.can_capture(embeds.device)
+    fast = _fast_state(state)
+    if getattr(buffers, "runner", None) is None:
+        view = fastpath.StaticPrunedCache(buffers, 0)
+        buffers.runner = fastpath.Runner(lambda **t: fastpath.decode_step(model, view, **t), fast)
+    hidden = buffers.runner(capture, embeds=embeds, position_ids=position_ids, new_valid=new_valid,
+                            step=to_device(torch.tensor([step]), embeds.device))
+    cache.length = cache.prompt_length + step + 1
+    return model_outputs(hidden.clone(), cache, None, _flag(a, model, "use_return_dict", "return_dict"))
+
+
+def encode_images(wrapped, instance, args, kwargs):
+    """LlavaMetaForCausalLM.encode_images: the vision tower and projector, replayed as one
+    CUDA graph per batch shape on the fast path."""
+    state = get_state(instance)
+    images = args[0] if args else kwargs["images"]
+    if (state is None or not state.enabled or state.config is None or not state.config.cuda_graphs
+            or not torch.is_tensor(images) or not fastpath.can_capture(images.device)):
+        return wrapped(*args, **kwargs)
+    fast = _fast_state(state)
+    run = fastpath.runner(fast, ("vision", tuple(images.shape), images.dtype), lambda images: wrapped(images))
+    return run(True, images=images).clone()
 
 
 def _refuse_rebuilt_pruned_cache(past) -> None:
@@ -145,6 +314,9 @@ def prepare_multimodal(wrapped, instance, args, kwargs):
     state = state_for(instance, auto=True)
     if state is None or not state.enabled:
         return wrapped(*args, **kwargs)
+    # A model loaded without upstream's loader gets the environment's state here: one whose
+    # language model the plugin can't prune must not run dense in silence.
+    check_prunable(instance, "SPARSEVLM=1 (the environment)", "set SPARSEVLM=0 to run it as upstream")
     a = _arguments(wrapped, args, kwargs)
     input_ids, attention_mask, labels = a["input_ids"], a["attention_mask"], a["labels"]
     if a["images"] is None or input_ids is None or input_ids.shape[1] == 1:
@@ -185,12 +357,15 @@ def rope_forward(wrapped, instance, args, kwargs):
 
 
 def load_pretrained(wrapped, instance, args, kwargs):
-    """llava.model.builder.load_pretrained_model: the model's depth is known once it is
-    loaded, so the environment's pruning layers are checked against it here rather than at
-    its first forward. (Not inside the model's __init__: an error there would leave the
-    default dtype that transformers' from_pretrained set for loading.)"""
+    """llava.model.builder.load_pretrained_model: the model's class and depth are known once
+    it is loaded, so its language model and the environment's pruning layers are checked
+    here rather than at its first forward. (Not inside the model's __init__: an error there
+    would leave the default dtype that transformers' from_pretrained set for loading.)"""
     loaded = wrapped(*args, **kwargs)
     model = loaded[1]
     if env_enabled() and hasattr(model, "get_vision_tower"):
+        # A LLaVA whose LM the plugin cannot prune would run dense under SPARSEVLM=1: refuse it.
+        check_prunable(model, "SPARSEVLM=1 (llava.model.builder.load_pretrained_model)",
+                       "SPARSEVLM=0 in the environment runs it as upstream.")
         config_from_env(num_layers=language_model(model).config.num_hidden_layers)
     return loaded

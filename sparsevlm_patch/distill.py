@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .config import SparseConfig, env_enabled, make_config
+from .families import check_prunable
 from .flags import BY_KEY, CONFIG_KEYS, ENV_NAMES, FLAGS, TRAIN_NAMES
 from .state import configure, disable, get_state, language_model, last_keep_mask, unwrap
 
@@ -165,11 +166,18 @@ def load_teacher(student, path: str, dtype: torch.dtype, device) -> torch.nn.Mod
 
 
 def check_depth_at_init(wrapped, trainer, args, kwargs):
-    """LLaVATrainer.__init__: the student is loaded, so a pruning layer past its depth fails
-    now, under the flag's name, before the teacher loads or any step runs."""
+    """LLaVATrainer.__init__: the student is loaded, so a language model the plugin cannot
+    prune or a pruning layer past its depth fails now, under the flag's name, before the
+    teacher loads or any step runs."""
     wrapped(*args, **kwargs)
     if _arg(trainer.args, "sparse"):
+        _check_student(trainer.model)
         trainer.__dict__[CONFIG_ATTR] = student_config(trainer.args, unwrap(trainer.model).config.num_hidden_layers)
+
+
+def _check_student(model) -> None:
+    check_prunable(model, f"{TRAIN_NAMES['sparse']} True (the student)",
+                   f"{TRAIN_NAMES['sparse']} False runs upstream's training (no pruning, no teacher).")
 
 
 def _setup(trainer, model) -> DistillSetup:
@@ -180,6 +188,7 @@ def _setup(trainer, model) -> DistillSetup:
     _warn_unused_environment()
     student = unwrap(model)
     if _arg(args, "sparse"):
+        _check_student(student)  # again here: the hooks may have been installed after __init__
         config = trainer.__dict__.get(CONFIG_ATTR) or student_config(args, student.config.num_hidden_layers)
         configure(student, config)
     else:

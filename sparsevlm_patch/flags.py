@@ -42,6 +42,9 @@ FLAGS = (
          "selection rule: " + ", ".join(SELECTIONS) + " (default sparsevlm)"),
     Flag("seed", "SPARSEVLM_SEED", "selection_seed", 0,
          "seed of the random rule (the same input gives the same selection); default 0"),
+    Flag("cuda_graphs", "SPARSEVLM_CUDA_GRAPHS", None, False,
+         "fast inference path: fixed-shape prefill, static-cache decode and vision tower, replayed as "
+         "CUDA graphs on a GPU (1/0, default 0; see README, Fast path)", runner="--cuda-graphs"),
     Flag("teacher_model_name_or_path", None, "teacher_model_name_or_path", None,
          "frozen dense teacher (default: --model_name_or_path)", enable=False, train_type=Optional[str]),
     Flag("align_loss_weight", None, "align_loss_weight", None,

@@ -42,26 +42,43 @@ def _loose() -> dict:
     return loose
 
 
+class Scope:
+    """One model call: the layouts spliced in it, what a `generate()` call asked for
+    (`generation`, for the fast path), and what to release when it ends."""
+
+    def __init__(self, generation: Optional[dict] = None):
+        self.layouts: dict = {}
+        self.generation = generation
+        self.on_exit: list = []
+
+
 @contextmanager
-def call_scope():
+def call_scope(generation: Optional[dict] = None):
     """The scope of one model call (`forward` / `generate`) in this thread."""
     stack = _stack()
-    scope: dict = {}
+    scope = Scope(generation)
     stack.append(scope)
     try:
-        yield
+        yield scope
     finally:
-        for i in range(len(stack) - 1, -1, -1):  # by identity: empty scopes compare equal
-            if stack[i] is scope:
-                del stack[i]
-                break
+        stack.remove(scope)
+        for release in scope.on_exit:
+            release()
+
+
+def generation_scope() -> Optional[Scope]:
+    """The innermost open `generate()` call of this thread, if any."""
+    for scope in reversed(_stack()):
+        if scope.generation is not None:
+            return scope
+    return None
 
 
 def put(model, layout: BatchLayout, embeds) -> None:
     """Hand `layout` (of `embeds`, spliced for `model`) to the model's next prefill."""
     stack = _stack()
     if stack:
-        stack[-1][id(model)] = (model, layout, tuple(embeds.shape))
+        stack[-1].layouts[id(model)] = (model, layout, tuple(embeds.shape))
     else:
         loose = _loose()
         for key in [k for k, (ref, _, _) in loose.items() if ref() is None]:
@@ -77,10 +94,10 @@ def take(model, embeds) -> Optional[BatchLayout]:
     sequences). Any other prefill in the scope of a splice is an error, never a silent
     dense run."""
     for scope in reversed(_stack()):
-        entry = scope.get(id(model))
+        entry = scope.layouts.get(id(model))
         if entry is None or entry[0] is not model:
             continue
-        del scope[id(model)]
+        del scope.layouts[id(model)]
         _, layout, shape = entry
         return _expanded(layout, shape, embeds)
     entry = None if embeds is None else _loose().get(id(embeds))
@@ -92,7 +109,7 @@ def take(model, embeds) -> Optional[BatchLayout]:
 def discard(model) -> None:
     """Drop what this thread's open calls hold for `model` (a splice whose forward runs upstream)."""
     for scope in _stack():
-        scope.pop(id(model), None)
+        scope.layouts.pop(id(model), None)
 
 
 def _expanded(layout: BatchLayout, shape: tuple, embeds) -> BatchLayout:

@@ -46,6 +46,8 @@ PATCHES = (
           controller.prepare_multimodal,
           ("self", "input_ids", "position_ids", "attention_mask", "past_key_values", "labels", "images",
            "image_sizes")),
+    Patch("llava.model.llava_arch", "LlavaMetaForCausalLM.encode_images", controller.encode_images,
+          ("self", "images")),
     Patch(_LLAVA_LLAMA, "LlavaLlamaForCausalLM.forward", controller.call_scope, _LLAVA_FORWARD),
     Patch(_LLAVA_LLAMA, "LlavaLlamaForCausalLM.generate", controller.call_scope,
           ("self", "inputs", "images", "image_sizes", "kwargs")),

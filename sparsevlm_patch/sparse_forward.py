@@ -8,7 +8,6 @@ labels and the generation loop never see a shorter sequence.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import List, Optional
 
@@ -17,6 +16,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
+from .fastpath import decode_attention_backends
 from .layout import BatchLayout, to_device
 from .plan import PrefillPlan, flops_summary
 from .state import mark_full_rope
@@ -104,7 +104,7 @@ def attention_mask_for(valid: torch.Tensor, all_valid: bool, dtype, impl: str, q
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def _ensure_rope(layers, x: torch.Tensor, length: int) -> None:
+def ensure_rope(layers, x: torch.Tensor, length: int) -> None:
     """Grow each layer's RoPE table to `length` (upstream's own cache growth)."""
     for layer in layers:
         rotary = layer.self_attn.rotary_emb
@@ -381,7 +381,7 @@ def run_prefill(model, inp: PrefillInputs, shapes: List[StageShape], rule: str, 
 def sparse_prefill(model, state, layout: BatchLayout, plan: PrefillPlan, *, attention_mask, position_ids,
                    inputs_embeds, use_cache, output_hidden_states, return_dict):
     """Prefill (or training forward) of `model` (a LlamaModel) with pruning by `plan`."""
-    _ensure_rope(model.layers, inputs_embeds, inputs_embeds.shape[1])
+    ensure_rope(model.layers, inputs_embeds, inputs_embeds.shape[1])
     inp = prefill_inputs(layout, plan, inputs_embeds, position_ids)
     last, keep, cache, hidden_states = run_prefill(
         model, inp, stage_shapes(plan), plan.selection, state.config.seed, all_valid=layout.padding_side is None,
@@ -413,7 +413,7 @@ def sparse_decode(model, cache: PrunedCache, *, input_ids, attention_mask, posit
     past = cache.get_seq_length(0)
     if position_ids is None:
         position_ids = torch.arange(past, past + s, device=device)[None]
-    _ensure_rope(model.layers, inputs_embeds, past + s)
+    ensure_rope(model.layers, inputs_embeds, past + s)
     new_valid = (attention_mask[:, -s:].bool() if attention_mask is not None
                  else torch.ones(B, s, dtype=torch.bool, device=device))
     impl = getattr(model.config, "_attn_implementation", "eager")
@@ -432,7 +432,7 @@ def sparse_decode(model, cache: PrunedCache, *, input_ids, attention_mask, posit
     hidden_states = [] if output_hidden_states else None
     cache.in_sparse_forward = True
     try:
-        with _decode_attention_backends(device):
+        with decode_attention_backends(device):
             for i, layer in enumerate(model.layers):
                 if output_hidden_states:
                     hidden_states.append(hidden)
@@ -449,17 +449,6 @@ def sparse_decode(model, cache: PrunedCache, *, input_ids, attention_mask, posit
         return tuple(v for v in outputs if v is not None)
     return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache,
                                    hidden_states=outputs[2], attentions=None)
-
-
-def _decode_attention_backends(device: torch.device):
-    """SDPA backends for decode over a pruned cache. cuDNN attention plans anew for every
-    new key length (100+ ms per step measured on an H200, torch 2.11), and a pruned cache
-    has one length per stage: leave it out."""
-    if device.type != "cuda":
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def prefill_stats(plan: PrefillPlan, image_spans, model_config, num_layers: int, pruned: bool = True) -> dict:

@@ -37,6 +37,7 @@ class SparseState:
     rater_labels: Optional[torch.Tensor] = None
     keep_mask: Optional[torch.Tensor] = None
     stats: Optional[dict] = None
+    fast: object = None  # fastpath.FastState: graphs and static buffers of cuda_graphs=True
 
     def record(self, keep_mask: torch.Tensor, stats: dict) -> None:
         self.keep_mask, self.stats = keep_mask, stats

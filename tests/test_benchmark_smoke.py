@@ -20,7 +20,13 @@ def test_benchmark_script_runs_on_tiny_shapes(tmp_path):
     assert results["checks"] and all(results["checks"].values()), results["checks"]
     for section in ("prefill_7b", "overheads", "generation_7b", "distill"):
         assert section in results, section
-    assert results["overheads"]["selection"]["b1/r64_rec"]["make_plan_host"] > 0
+    selection = results["overheads"]["selection"]["b1/r64_rec"]
+    assert selection["host_ms"] > 0 and selection["total"] > 0 and selection["ideal_ms"] > 0, selection
+    # the other selection rules are timed next to sparsevlm's at the largest batch
+    largest = results["prefill_7b"][max(results["prefill_7b"], key=lambda k: int(k[1:]))]
+    ratios = largest["rules_vs_sparsevlm"]
+    assert set(ratios) == {"r64_sparsevlm_v2", "r64_fastv"}, ratios
+    assert all(v["over_sparsevlm"] > 0 for v in ratios.values()), ratios
 
 
 def test_multi_gpu_benchmark_script_runs_on_cpu(tmp_path):

@@ -89,13 +89,13 @@ def test_shuffled_captions_name_every_cell_once_and_leave_the_questions_alone(tm
         task.write_splits(str(tmp_path / "bad"), shuffled_captions=1.5, **kwargs)
 
 
-def test_baseline_scorers_swap_and_restore(tiny_llava):
-    """Each baseline changes which visual tokens stay; the plugin's scorer comes back after."""
+def test_baseline_rules_switch_and_restore(tiny_llava):
+    """Each baseline (a public selection rule) changes which visual tokens stay; afterwards the
+    model prunes with SparseVLM again."""
     from llava.mm_utils import process_images
 
     import sparsevlm_patch
-    import sparsevlm_patch.sparse_forward as sf
-    from run_study import scoring
+    from run_study import METHODS, scoring
 
     tokenizer, model, processor = tiny_llava
     scene = task.random_scene(random.Random(3), 336)
@@ -108,18 +108,27 @@ def test_baseline_scorers_swap_and_restore(tiny_llava):
     conv.append_message(conv.roles[0], "<image>\nWhat color is the shape in the top-left cell?")
     conv.append_message(conv.roles[1], None)
     ids = tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+    assert METHODS == ("sparsevlm", "random", "fastv")
+
+    def run():
+        with torch.no_grad():
+            model(ids, images=image)
+        mask = sparsevlm_patch.last_keep_mask(model)
+        return None if mask is None else mask.clone()
+
     sparsevlm_patch.enable(model, retain_tokens=64)
-    original = sf._scores
+    plain = run()  # SparseVLM, the plugin's default rule
 
     def keep(method, seed=0):
-        with scoring(method, seed=seed), torch.no_grad():
-            model(ids, images=image)
-        assert sf._scores is original
-        kept[method] = sparsevlm_patch.last_stats(model)["kept_visual"]
-        return sparsevlm_patch.last_keep_mask(model).clone()
+        with scoring(model, method, 64, seed=seed):
+            mask = run()
+            kept[method] = sparsevlm_patch.last_stats(model)["kept_visual"]
+        assert torch.equal(run(), plain), method  # SparseVLM again afterwards
+        return mask
 
     kept = {}
-    masks = {m: keep(m) for m in ("sparsevlm", "random", "fastv_last_token", "visual_only")}
+    masks = {m: keep(m) for m in METHODS}
+    assert torch.equal(masks["sparsevlm"], plain)
     assert kept["sparsevlm"] == [[66, 30, 17]]
     assert all(k == kept["sparsevlm"] for k in kept.values()), kept  # same budget for every method
     for a in masks:
@@ -128,6 +137,13 @@ def test_baseline_scorers_swap_and_restore(tiny_llava):
                 assert not torch.equal(masks[a], masks[b]), (a, b)
     assert torch.equal(keep("random", seed=0), masks["random"])
     assert not torch.equal(keep("random", seed=1), masks["random"])
+    assert torch.equal(keep("fastv_last_token"), masks["fastv"])  # the earlier runs' name
+    with pytest.raises(ValueError, match="visual_only"):
+        with scoring(model, "visual_only", 64):
+            pass
+    with scoring(model, "dense"):
+        mask = run()
+    assert mask is None or bool(mask.all())  # disabled: every token stays
 
 
 def test_study_smoke_end_to_end(tmp_path):
@@ -140,8 +156,7 @@ def test_study_smoke_end_to_end(tmp_path):
     report = json.loads((out / "results.json").read_text())
     assert "error" not in report
     results = report["results"]
-    assert set(results) == {"dense", "sparsevlm", "random", "fastv_last_token", "visual_only",
-                            "sparsevlm_distilled", "dense_control"}
+    assert set(results) == {"dense", "sparsevlm", "random", "fastv", "sparsevlm_distilled", "dense_control"}
     for single in ("dense", "dense_control"):
         assert 0.0 <= results[single]["accuracy"] <= 1.0 and results[single]["flops_vs_dense"] == 1.0
     for method, per_budget in results.items():

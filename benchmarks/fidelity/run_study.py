@@ -15,11 +15,13 @@ Pipeline (every training stage is upstream's `llava.train.train`, launched as
     (`--sparse False --align_loss_weight 0` = plain upstream training);
  4. fine-tuning: `--version v1 --pretrain_mm_mlp_adapter .../mm_projector.bin`, dense;
  5. evaluation on held-out images (greedy generation, exact match): dense; SparseVLM
-    training-free at retain 192/128/96/64; at the same per-layer budgets two baselines made
-    by swapping `sparsevlm_patch.sparse_forward._scores` for the time of an evaluation:
-    random scores on the visual tokens, and FastV-style last-token attention (the raters
-    are only the last prompt token); plus a strictly text-blind variant (the last visual
-    token rates, as the plugin does for prompts without text);
+    training-free at retain 192/128/96/64; at the same per-layer budgets two baselines, the
+    plugin's public selection rules (`sparsevlm_patch.enable(model, retain_tokens=N,
+    selection=...)`, each with its default token recycling: off): random visual tokens
+    (`selection="random"`, seeded) and FastV (`selection="fastv"`). (Runs before the public
+    rules swapped the plugin's internal scorer instead, with SparseVLM's recycling, as
+    "fastv_last_token", and had a text-blind "visual_only" variant, which has no public rule
+    and is no longer run.)
  6. sparse distillation: the plugin's training path, student and teacher = the dense
     fine-tuned model, `--retain_tokens N --align_loss_weight W`, one run per budget
     (runs in parallel on one GPU), then SparseVLM evaluation of each student at its budget;
@@ -60,13 +62,17 @@ import task  # noqa: E402
 
 BUDGETS = (192, 128, 96, 64)
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-METHODS = ("sparsevlm", "random", "fastv_last_token", "visual_only")
+METHODS = ("sparsevlm", "random", "fastv")
+# The public selection rule (`sparsevlm_patch.enable(..., selection=...)`) of each pruning method.
+METHOD_RULES = {"sparsevlm": "sparsevlm", "random": "random", "fastv": "fastv",
+                "fastv_last_token": "fastv"}  # the earlier runs' name of the FastV baseline
 METHOD_LABELS = {
     "dense": "dense (all 576 visual tokens)",
     "sparsevlm": "SparseVLM, training-free (question raters)",
     "random": "random visual tokens",
-    "fastv_last_token": "FastV-style: last prompt token rates",
-    "visual_only": "text-blind: last visual token rates",
+    "fastv": "FastV (last prompt token rates)",
+    "fastv_last_token": "FastV-style: last prompt token rates",  # earlier runs
+    "visual_only": "text-blind: last visual token rates",  # earlier runs
     "sparsevlm_distilled": "SparseVLM + sparse distillation",
     "dense_control": "dense, fine-tuned for the distillation's steps (control)",
 }
@@ -381,59 +387,26 @@ class Trainer:
 
 # ----------------------------------------------------------------------------- evaluation
 
-_original_scores = None
-
-
-def _install_method(method: str, seed: int):
-    """Swap `sparse_forward._scores` for a baseline's; returns the function to restore."""
-    import torch
-
-    import sparsevlm_patch.sparse_forward as sf
-    from sparsevlm_patch.selection import rater_weights
-
-    original = sf._scores
-    if method in ("dense", "sparsevlm"):
-        return original
-    generators = {}
-
-    def random_scores(layer, act, rater_weight, rope_len):
-        device = act.hidden.device
-        if device not in generators:
-            generators[device] = torch.Generator(device=device).manual_seed(seed)
-        noise = torch.rand(act.visual.shape, generator=generators[device], device=device)
-        return noise.masked_fill(~act.visual, float("-inf"))
-
-    def last_token_scores(layer, act, rater_weight, rope_len):
-        # Raters: only the last valid prompt token (the ":" of "ASSISTANT:"), FastV-style.
-        slots = torch.arange(act.valid.shape[1], device=act.valid.device)
-        last = (act.valid * slots).amax(dim=1)
-        heads = layer.self_attn.num_heads
-        last_rates = act.rater_slot == last[:, None]
-        weight = torch.where(last_rates.any(1, keepdim=True), rater_weights(last_rates, heads), rater_weight)
-        return original(layer, act, weight, rope_len)
-
-    def visual_only_scores(layer, act, rater_weight, rope_len):
-        # Rater: the last visual token of the pool, which has seen the image and no text.
-        slots = torch.arange(act.visual.shape[1], device=act.visual.device)
-        last_visual = (act.visual * slots).amax(dim=1, keepdim=True)
-        blind = replace(act, rater_slot=last_visual)
-        return original(layer, blind, rater_weights(torch.ones_like(last_visual, dtype=torch.bool),
-                                                    layer.self_attn.num_heads), rope_len)
-
-    sf._scores = {"random": random_scores, "fastv_last_token": last_token_scores,
-                  "visual_only": visual_only_scores}[method]
-    return original
-
-
 @contextlib.contextmanager
-def scoring(method: str, seed: int = 0):
-    import sparsevlm_patch.sparse_forward as sf
+def scoring(model, method: str, retain: Optional[int] = None, seed: int = 0):
+    """For the block, `model` runs `method`: "dense" disabled, any other with its public
+    selection rule at `retain` (`sparsevlm_patch.enable(model, retain_tokens=retain,
+    selection=METHOD_RULES[method], seed=seed)`, the rule's default recycling). Afterwards it
+    is left as an evaluation leaves it: dense stays disabled, every other method prunes with
+    SparseVLM at `retain` again."""
+    import sparsevlm_patch
 
-    original = _install_method(method, seed)
+    if method == "dense":
+        sparsevlm_patch.disable(model)
+        yield model
+        return
+    if method not in METHOD_RULES:
+        raise ValueError(f"unknown method {method!r}: the study's methods are dense, {', '.join(METHODS)}")
+    sparsevlm_patch.enable(model, retain_tokens=retain, selection=METHOD_RULES[method], seed=seed)
     try:
-        yield
+        yield model
     finally:
-        sf._scores = original
+        sparsevlm_patch.enable(model, retain_tokens=retain)
 
 
 def prompt_ids(tokenizer, question: str):
@@ -514,16 +487,12 @@ class Evaluator:
         tokenizer, model, processor = loaded
         prompts, answers, types, image_ids, max_new = self._prepare(tokenizer, model, processor)
         pixels, _, sizes = self._images
-        if method == "dense":
-            sparsevlm_patch.disable(model)
-        else:
-            sparsevlm_patch.enable(model, retain_tokens=retain)
         started = time.time()
         correct, predictions, in_region = [], [], []
         sparse_flops = dense_flops = 0.0
         kept = []
         pad = tokenizer.pad_token_id
-        with scoring(method, seed=self.cfg.seed), torch.inference_mode():
+        with scoring(model, method, retain, seed=self.cfg.seed), torch.inference_mode():
             for start in range(0, len(prompts), self.cfg.eval_batch):
                 chunk = list(range(start, min(start + self.cfg.eval_batch, len(prompts))))
                 width = max(len(prompts[i]) for i in chunk)
@@ -648,8 +617,9 @@ def markdown(report: dict) -> str:
                      + " | ".join("/".join(f"{k:g}" for k in flops[b].get("kept_visual_per_layer", []))
                                   if b in flops else "–" for b in budgets) + " |")
     lines.append("")
-    lines.append("Accuracy in %. Same per-layer keep counts (and token recycling) for every pruning row; only "
-                 "the scores that rank visual tokens differ. FLOPs: the decoder's prefill, selection included, "
+    lines.append("Accuracy in %. Same per-layer keep counts for every pruning row, each selection rule "
+                 "(`sparsevlm_patch.enable(..., selection=...)`) with its default token recycling (on for "
+                 "SparseVLM only). FLOPs: the decoder's prefill, selection included, "
                  "as `sparsevlm_patch.last_stats(model)['flops']` computes them.")
     lines.append("")
     if dense and results.get("sparsevlm"):
@@ -714,8 +684,7 @@ def plot(out: str, report: dict) -> None:
     results = report.get("results", {})
     budgets = [int(b) for b in report.get("budgets", BUDGETS)]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"sparsevlm": "o-", "random": "s--", "fastv_last_token": "^--", "visual_only": "v:",
-              "sparsevlm_distilled": "D-"}
+    styles = {"sparsevlm": "o-", "random": "s--", "fastv": "^--", "sparsevlm_distilled": "D-"}
     for method, style in styles.items():
         per = results.get(method, {})
         xs = [b for b in budgets if str(b) in per]
@@ -1176,7 +1145,7 @@ def run_pipeline(cfg: Config, out: str, work: str, log: Log, report: dict) -> No
             for b in BUDGETS if str(b) in results["sparsevlm_distilled"] and "dense_control" in results},
         "sparsevlm_minus_random_at_64": results["sparsevlm"]["64"]["accuracy"] - results["random"]["64"]["accuracy"],
         "sparsevlm_minus_fastv_at_64": (results["sparsevlm"]["64"]["accuracy"]
-                                        - results["fastv_last_token"]["64"]["accuracy"]),
+                                        - results["fastv"]["64"]["accuracy"]),
     }
     log("summary:", report["summary"])
 

@@ -1,0 +1,261 @@
+"""The fast path (`cuda_graphs=True`): fixed-shape prefill, decode and vision tower, replayed
+as CUDA graphs.
+
+At batch 1 and 8 eager PyTorch is bound by the host's kernel launches, so pruning alone
+does not make LLaVA faster there. With the fast path:
+- a sparse prefill pads its batch to a prompt-length bucket (and its question to a rater
+  bucket), so one captured graph serves every prompt of the bucket;
+- `generate()` decodes over a *static* pruned cache: each layer's buffers hold the tokens
+  it kept plus `max_new_tokens` slots, written in place, and one captured step serves every
+  token of every generation of that batch size and bucket;
+- the vision tower and projector (`encode_images`) replay one graph per batch size.
+Off the GPU (or wherever capture can't serve) the same fixed-shape code runs eagerly, so
+CPU tests cover it; cases it can't serve at all fall back to the dynamic path with a
+warning once per reason. Graphs live on the model's state, so `enable()` (a new
+configuration) drops them.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+from transformers.cache_utils import Cache
+
+LENGTH_BUCKET = 64  # prompt lengths round up to a multiple of this
+RATER_BUCKET = 32  # question lengths (rater candidates) likewise
+NEW_TOKENS_BUCKET = 32  # max_new_tokens likewise
+MAX_LENGTH = 8192  # longer prompts take the dynamic path
+
+_warned = set()
+
+
+def fallback(reason: str) -> None:
+    """Say once per reason why a call took the dynamic path instead of the fast one."""
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"sparsevlm_patch cuda_graphs: {reason}; this call runs eagerly on the dynamic path",
+                      stacklevel=4)
+
+
+def bucket(n: int, size: int) -> int:
+    return max(size, math.ceil(n / size) * size)
+
+
+def can_capture(device: torch.device) -> bool:
+    return device.type == "cuda" and not torch.is_grad_enabled()
+
+
+@dataclass
+class FastState:
+    """Per-model graphs and buffers (on the model's SparseState)."""
+
+    runners: Dict[tuple, "Runner"] = field(default_factory=dict)
+    decode: Dict[tuple, "DecodeBuffers"] = field(default_factory=dict)
+    capture_seconds: float = 0.0
+    graph_bytes: int = 0
+    last_path: str = ""
+    rope_tables: list = field(default_factory=list)  # every RoPE table a graph may read
+
+    def track_rope(self, layers) -> None:
+        """Graphs read the RoPE tables by address. When upstream grows a table (a longer prompt
+        than any before), later captures read the new one; the old ones stay alive for the
+        graphs already captured on them."""
+        table = layers[0].self_attn.rotary_emb.cos_cached
+        if not self.rope_tables or self.rope_tables[-1][0] is not table:
+            if self.rope_tables:
+                self.runners.clear()
+                self.decode = {k: b for k, b in self.decode.items() if b.in_use}
+            self.rope_tables.append([layer.self_attn.rotary_emb.cos_cached for layer in layers]
+                                    + [layer.self_attn.rotary_emb.sin_cached for layer in layers])
+
+    def report(self) -> dict:
+        return {"path": self.last_path, "graphs": sum(r.graph is not None for r in self.runners.values()),
+                "prefill_shapes": sum(key[0] == "prefill" for key in self.runners),
+                "capture_seconds": round(self.capture_seconds, 3),
+                "graph_memory_mib": round(self.graph_bytes / 2 ** 20, 1)}
+
+
+class Runner:
+    """One fixed-shape function: replayed from a CUDA graph where capture serves, else eager.
+
+    `fn(**inputs)` must read nothing but its input tensors (and the model's weights). The
+    first call on a GPU captures it (after a warm-up on a side stream); every later call
+    copies its inputs into the graph's static buffers and replays. Outputs are the graph's
+    own tensors: the caller copies what it keeps past the next replay."""
+
+    _pool = None
+
+    def __init__(self, fn: Callable, fast: FastState):
+        self.fn, self.fast = fn, fast
+        self.graph = self.static = self.out = None
+
+    def __call__(self, capture: bool, **inputs):
+        if not capture:
+            return self.fn(**inputs)
+        if self.graph is None:
+            self._capture(inputs)
+        for name, tensor in inputs.items():
+            self.static[name].copy_(tensor)
+        self.graph.replay()
+        return self.out
+
+    def _capture(self, inputs: dict) -> None:
+        start, before = time.perf_counter(), torch.cuda.memory_reserved()
+        self.static = {name: tensor.clone() for name, tensor in inputs.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.fn(**self.static)
+        torch.cuda.current_stream().wait_stream(side)
+        if Runner._pool is None:
+            Runner._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=Runner._pool):
+            self.out = self.fn(**self.static)
+        torch.cuda.synchronize()
+        self.graph = graph
+        self.fast.capture_seconds += time.perf_counter() - start
+        self.fast.graph_bytes += torch.cuda.memory_reserved() - before
+
+
+def runner(fast: FastState, key: tuple, fn: Callable) -> Runner:
+    found = fast.runners.get(key)
+    if found is None:
+        found = fast.runners[key] = Runner(fn, fast)
+    return found
+
+
+# ----------------------------------------------------------------------------- static decode
+
+def decode_attention_backends(device: torch.device):
+    """SDPA backends for decode over a pruned cache. cuDNN attention plans anew for every
+    new key length (100+ ms per step measured on an H200, torch 2.11), and a pruned cache
+    has one length per stage: leave it out."""
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+class DecodeBuffers:
+    """Static per-layer KV buffers of one (batch, stage widths, new tokens) shape: stage s
+    holds its `prefix[s]` prefill slots, then `new_tokens` decode slots."""
+
+    def __init__(self, like_keys: List[torch.Tensor], layer_stage: List[int], prefix: List[int], new_tokens: int):
+        B = like_keys[0].shape[0]
+        device = like_keys[0].device
+        self.layer_stage, self.prefix, self.new_tokens = list(layer_stage), list(prefix), new_tokens
+        self.keys = [k.new_zeros(k.shape[:2] + (prefix[s] + new_tokens,) + k.shape[3:])
+                     for k, s in zip(like_keys, layer_stage)]
+        self.values = [k.clone() for k in self.keys]
+        self.valid = [torch.zeros(B, p + new_tokens, dtype=torch.bool, device=device) for p in prefix]
+        self.slot = [torch.zeros(1, dtype=torch.long, device=device) for _ in prefix]
+        self.in_use = False
+
+    def load(self, cache) -> None:
+        """Copy a prefill's PrunedCache into the prefix slots; clear the decode slots."""
+        for i, s in enumerate(self.layer_stage):
+            p = self.prefix[s]
+            self.keys[i][:, :, :p].copy_(cache.key_cache[i])
+            self.values[i][:, :, :p].copy_(cache.value_cache[i])
+        for s, valid in enumerate(cache.stage_valid):
+            self.valid[s][:, :self.prefix[s]].copy_(valid)
+            self.valid[s][:, self.prefix[s]:] = False
+
+
+class StaticPrunedCache(Cache):
+    """The cache a fast-path `generate()` decodes over (see DecodeBuffers). Its buffers are
+    written in place and serve the next generation of the same shape once this one's call
+    has ended: using it after that is an error, never stale attention."""
+
+    def __init__(self, buffers: DecodeBuffers, prompt_length: int):
+        self.buffers, self.prompt_length, self.length = buffers, prompt_length, prompt_length
+        self.expired = False
+        self.in_sparse_forward = False
+
+    @property
+    def seen_tokens(self) -> int:
+        return self.length
+
+    def __len__(self) -> int:
+        return len(self.buffers.keys)
+
+    def __getitem__(self, layer_idx: int):
+        return self.buffers.keys[layer_idx], self.buffers.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: Optional[int] = 0) -> int:
+        return self.length  # every layer has seen the whole prompt and every new token
+
+    def get_max_length(self) -> Optional[int]:
+        return None
+
+    def get_usable_length(self, new_seq_length: int, layer_idx: Optional[int] = 0) -> int:
+        if not self.in_sparse_forward:
+            raise RuntimeError("this KV cache of a sparsevlm_patch fast-path generation can only be read by the "
+                               "plugin's decode (was sparsevlm_patch.remove() called during the generation?)")
+        return self.buffers.keys[layer_idx].shape[-2] - new_seq_length
+
+    def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
+        b = self.buffers
+        slot = b.slot[b.layer_stage[layer_idx]]
+        b.keys[layer_idx].index_copy_(2, slot, key_states)
+        b.values[layer_idx].index_copy_(2, slot, value_states)
+        return b.keys[layer_idx], b.values[layer_idx]
+
+    def reorder_cache(self, beam_idx):
+        raise RuntimeError("beam search does not run on the fast path's static cache (the plugin routes it "
+                           "to the dynamic path): please report this")
+
+    def check(self) -> None:
+        if self.expired:
+            raise RuntimeError(
+                "this KV cache came from a fast-path (cuda_graphs) generation that has ended, and its buffers "
+                "now serve the next one: continue a generation with cuda_graphs off to keep its cache")
+
+
+def decode_buffers(fast: FastState, cache, new_tokens: int) -> Optional[DecodeBuffers]:
+    """Free static buffers for a prefill's cache shape, made on first use; None when the
+    buffers of this shape are held by a generation in flight (another thread)."""
+    prefix = [v.shape[1] for v in cache.stage_valid]
+    k = cache.key_cache[0]
+    key = (k.shape[0], tuple(prefix), new_tokens, k.dtype, k.device, tuple(cache.layer_stage))
+    buffers = fast.decode.get(key)
+    if buffers is None:
+        buffers = fast.decode[key] = DecodeBuffers(cache.key_cache, cache.layer_stage, prefix, new_tokens)
+    if buffers.in_use:
+        return None
+    buffers.in_use = True
+    return buffers
+
+
+def decode_step(model, cache: StaticPrunedCache, embeds, position_ids, new_valid, step):
+    """One decode step over a static pruned cache, on device tensors alone (what the decode
+    graph captures). `step` [1]: the new token's index among the generated ones; slots past
+    it are cleared first, so a cache can be continued again from an earlier point."""
+    b = cache.buffers
+    dtype = embeds.dtype
+    masks = []
+    for s, valid in enumerate(b.valid):
+        slot = b.prefix[s] + step
+        b.slot[s].copy_(slot)
+        slots = torch.arange(valid.shape[1], device=valid.device)
+        valid.copy_((valid & (slots[None] < slot)) | ((slots[None] == slot) & new_valid))
+        mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, torch.finfo(dtype).min)
+        masks.append(mask[:, None, None, :])
+    hidden = embeds
+    cache.in_sparse_forward = True
+    try:
+        with decode_attention_backends(embeds.device):
+            for i, layer in enumerate(model.layers):
+                hidden = layer(hidden, attention_mask=masks[b.layer_stage[i]], position_ids=position_ids,
+                               past_key_value=cache, output_attentions=False, use_cache=True)[0]
+    finally:
+        cache.in_sparse_forward = False
+    return model.norm(hidden)
