@@ -20,7 +20,7 @@ from .layout import IGNORE_INDEX, layout_from_probe
 from .plan import make_plan, text_only_plan
 from .layout import to_device
 from .sparse_forward import (PrefillInputs, PrunedCache, ensure_rope, model_outputs, prefill_inputs, prefill_stats,
-                             run_prefill, sparse_decode, sparse_prefill, stage_shapes)
+                             run_prefill, sliding_window, sparse_decode, sparse_prefill, stage_shapes)
 from .state import full_rope, get_state, language_model, state_for
 
 _signatures = {}
@@ -75,8 +75,9 @@ def _generation(model, kwargs) -> dict:
     return {"new_tokens": new_tokens, "dynamic_reason": reason}
 
 
-def llama_forward(wrapped, instance, args, kwargs):
-    """LlamaModel.forward: the sparse paths for enabled LLaVA models, upstream otherwise."""
+def lm_forward(wrapped, instance, args, kwargs):
+    """The language model's forward (LlamaModel, MistralModel): the sparse paths for enabled
+    LLaVA models, upstream otherwise."""
     state = get_state(instance)
     if state is None and hasattr(instance, "get_vision_tower"):
         # A LLaVA model never configured whose first call skips the multimodal hook (e.g. a
@@ -111,6 +112,13 @@ def llama_forward(wrapped, instance, args, kwargs):
         _record_text_only(state, instance, a)
         return outputs
     plan = make_plan(state.config, layout)
+    use_cache = _flag(a, instance, "use_cache")
+    if state.config.cuda_graphs:
+        # Also with nothing to prune: the fast path is then dense upstream layers, captured.
+        reason = _fast_prefill_refusal(instance, a, use_cache)
+        if reason is None:
+            return _fast_prefill(instance, state, layout, plan, a, use_cache)
+        fastpath.fallback(reason)
     if not any(stage.changes for stage in plan.stages):
         # Nothing to prune (a budget at or above the visual count): upstream exactly.
         outputs = wrapped(*args, **kwargs)
@@ -118,12 +126,6 @@ def llama_forward(wrapped, instance, args, kwargs):
             plan, [s.image_spans for s in layout.samples], instance.config, len(instance.layers), pruned=False))
         return outputs
     _refuse_attentions(a, instance)
-    use_cache = _flag(a, instance, "use_cache")
-    if state.config.cuda_graphs:
-        reason = _fast_prefill_refusal(instance, a, use_cache)
-        if reason is None:
-            return _fast_prefill(instance, state, layout, plan, a, use_cache)
-        fastpath.fallback(reason)
     if past is not None and use_cache:
         raise ValueError(
             f"past_key_values={type(past).__name__}() given to a sparse prefill: its layers would hold "
@@ -151,8 +153,8 @@ def _fast_prefill_refusal(model, a: dict, use_cache: bool):
     """Why this prefill can't take the fast path (None: it can)."""
     if model.training or torch.is_grad_enabled():
         return "training, or gradients enabled (the fast path is for inference under torch.no_grad)"
-    if _flag(a, model, "output_hidden_states"):
-        return "output_hidden_states=True"
+    if _flag(a, model, "output_hidden_states") or _flag(a, model, "output_attentions"):
+        return "output_hidden_states or output_attentions"
     if a["past_key_values"] is not None and use_cache:
         return "a cache object passed in to the prefill"
     if fastpath.bucket(a["inputs_embeds"].shape[1], fastpath.LENGTH_BUCKET) > fastpath.MAX_LENGTH:
@@ -187,7 +189,8 @@ def _fast_prefill(model, state, layout, plan, a: dict, use_cache: bool):
     last, keep, cache = run(capture, **inp.tensors())
     fast.last_path = "captured" if capture else "fixed-shape, eager"
     keep = keep[:, :L].clone()
-    stats = prefill_stats(plan, [s.image_spans for s in layout.samples], model.config, len(model.layers))
+    stats = prefill_stats(plan, [s.image_spans for s in layout.samples], model.config, len(model.layers),
+                          pruned=any(stage.changes for stage in plan.stages))
     stats["fast_path"] = fast.report()
     state.record(keep, stats)
     if cache is not None:
@@ -233,6 +236,7 @@ def _owned_cache(cache, length: int) -> PrunedCache:
     owned.seen_tokens = length
     owned.stage_valid = [v[:, :length].clone() if s == 0 else v.clone() for s, v in enumerate(cache.stage_valid)]
     owned.stage_all_valid = [False] * len(cache.stage_valid)
+    owned.stage_pos = [p[:, :length].clone() if s == 0 else p.clone() for s, p in enumerate(cache.stage_pos)]
     owned.layer_stage = list(cache.layer_stage)
     return owned
 
@@ -259,7 +263,8 @@ def _fast_decode(model, state, cache, a: dict):
     fast = _fast_state(state)
     if getattr(buffers, "runner", None) is None:
         view = fastpath.StaticPrunedCache(buffers, 0)
-        buffers.runner = fastpath.Runner(lambda **t: fastpath.decode_step(model, view, **t), fast)
+        window = sliding_window(model, buffers.valid[0].shape[1])
+        buffers.runner = fastpath.Runner(lambda **t: fastpath.decode_step(model, view, window=window, **t), fast)
     hidden = buffers.runner(capture, embeds=embeds, position_ids=position_ids, new_valid=new_valid,
                             step=to_device(torch.tensor([step]), embeds.device))
     cache.length = cache.prompt_length + step + 1

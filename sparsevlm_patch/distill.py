@@ -134,13 +134,12 @@ def _teacher_vision_tower(student, device):
 
 
 def load_teacher(student, path: str, dtype: torch.dtype, device) -> torch.nn.Module:
-    """The frozen dense teacher: upstream's class loaded from `path`, sharing the student's
-    (frozen) vision tower so both see identical image features."""
-    from llava.model import LlavaLlamaForCausalLM
-
+    """The frozen dense teacher: the student's upstream class (LlavaLlamaForCausalLM,
+    LlavaMistralForCausalLM) loaded from `path`, sharing the student's (frozen) vision tower
+    so both see identical image features."""
     student = unwrap(student)
     with _outside_zero3():
-        teacher = LlavaLlamaForCausalLM.from_pretrained(
+        teacher = type(student).from_pretrained(
             path, torch_dtype=dtype, attn_implementation=student.config._attn_implementation)
     for name in TEACHER_CONFIG_FIELDS:
         if hasattr(student.config, name):

@@ -24,6 +24,7 @@ class Family:
 
 FAMILIES = (
     Family("LlamaModel", "transformers.models.llama.modeling_llama", "LlavaLlamaForCausalLM", "llava-torch"),
+    Family("MistralModel", "transformers.models.mistral.modeling_mistral", "LlavaMistralForCausalLM", "llava-torch"),
 )
 
 

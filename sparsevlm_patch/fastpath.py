@@ -156,6 +156,7 @@ class DecodeBuffers:
                      for k, s in zip(like_keys, layer_stage)]
         self.values = [k.clone() for k in self.keys]
         self.valid = [torch.zeros(B, p + new_tokens, dtype=torch.bool, device=device) for p in prefix]
+        self.pos = [torch.zeros(B, p + new_tokens, dtype=torch.long, device=device) for p in prefix]
         self.slot = [torch.zeros(1, dtype=torch.long, device=device) for _ in prefix]
         self.in_use = False
 
@@ -168,6 +169,7 @@ class DecodeBuffers:
         for s, valid in enumerate(cache.stage_valid):
             self.valid[s][:, :self.prefix[s]].copy_(valid)
             self.valid[s][:, self.prefix[s]:] = False
+            self.pos[s][:, :self.prefix[s]].copy_(cache.stage_pos[s])
 
 
 class StaticPrunedCache(Cache):
@@ -235,19 +237,22 @@ def decode_buffers(fast: FastState, cache, new_tokens: int) -> Optional[DecodeBu
     return buffers
 
 
-def decode_step(model, cache: StaticPrunedCache, embeds, position_ids, new_valid, step):
+def decode_step(model, cache: StaticPrunedCache, embeds, position_ids, new_valid, step, window=None):
     """One decode step over a static pruned cache, on device tensors alone (what the decode
     graph captures). `step` [1]: the new token's index among the generated ones; slots past
-    it are cleared first, so a cache can be continued again from an earlier point."""
+    it are cleared first, so a cache can be continued again from an earlier point.
+    `window`: the model's sliding window, where upstream applies one."""
     b = cache.buffers
     dtype = embeds.dtype
     masks = []
     for s, valid in enumerate(b.valid):
         slot = b.prefix[s] + step
         b.slot[s].copy_(slot)
-        slots = torch.arange(valid.shape[1], device=valid.device)
-        valid.copy_((valid & (slots[None] < slot)) | ((slots[None] == slot) & new_valid))
-        mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, torch.finfo(dtype).min)
+        slots = torch.arange(valid.shape[1], device=valid.device)[None]
+        valid.copy_((valid & (slots < slot)) | ((slots == slot) & new_valid))
+        b.pos[s].copy_(torch.where(slots == slot, position_ids, b.pos[s]))
+        allowed = valid if window is None else valid & (position_ids - b.pos[s] < window)
+        mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~allowed, torch.finfo(dtype).min)
         masks.append(mask[:, None, None, :])
     hidden = embeds
     cache.in_sparse_forward = True

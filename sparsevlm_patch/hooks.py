@@ -30,18 +30,22 @@ class Patch:
 
 
 _LLAMA = "transformers.models.llama.modeling_llama"
+_MISTRAL = "transformers.models.mistral.modeling_mistral"
 _LLAVA_LLAMA = "llava.model.language_model.llava_llama"
+_LLAVA_MISTRAL = "llava.model.language_model.llava_mistral"
+_LM_FORWARD = ("self", "input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds",
+               "use_cache", "output_attentions", "output_hidden_states", "return_dict")
 _LLAVA_FORWARD = ("self", "input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds",
                   "labels", "use_cache", "output_attentions", "output_hidden_states", "images", "image_sizes",
                   "return_dict")
 _TRAINER = "llava.train.llava_trainer"
 
 PATCHES = (
-    # inference
-    Patch(_LLAMA, "LlamaModel.forward", controller.llama_forward,
-          ("self", "input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds",
-           "use_cache", "output_attentions", "output_hidden_states", "return_dict")),
+    # inference: each family's language model (families.py) and its RoPE
+    Patch(_LLAMA, "LlamaModel.forward", controller.lm_forward, _LM_FORWARD),
     Patch(_LLAMA, "LlamaRotaryEmbedding.forward", controller.rope_forward, ("self", "x", "seq_len")),
+    Patch(_MISTRAL, "MistralModel.forward", controller.lm_forward, _LM_FORWARD),
+    Patch(_MISTRAL, "MistralRotaryEmbedding.forward", controller.rope_forward, ("self", "x", "seq_len")),
     Patch("llava.model.llava_arch", "LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal",
           controller.prepare_multimodal,
           ("self", "input_ids", "position_ids", "attention_mask", "past_key_values", "labels", "images",
@@ -50,6 +54,9 @@ PATCHES = (
           ("self", "images")),
     Patch(_LLAVA_LLAMA, "LlavaLlamaForCausalLM.forward", controller.call_scope, _LLAVA_FORWARD),
     Patch(_LLAVA_LLAMA, "LlavaLlamaForCausalLM.generate", controller.call_scope,
+          ("self", "inputs", "images", "image_sizes", "kwargs")),
+    Patch(_LLAVA_MISTRAL, "LlavaMistralForCausalLM.forward", controller.call_scope, _LLAVA_FORWARD),
+    Patch(_LLAVA_MISTRAL, "LlavaMistralForCausalLM.generate", controller.call_scope,
           ("self", "inputs", "images", "image_sizes", "kwargs")),
     Patch("llava.model.builder", "load_pretrained_model", controller.load_pretrained,
           ("model_path", "model_base", "model_name", "load_8bit", "load_4bit", "device_map", "device",

@@ -15,14 +15,19 @@ import os
 import runpy
 import sys
 
-from .flags import usage_lines
+from .flags import FLAGS, usage_lines
+
+# The runner's own switches (flags.py): each sets its environment variable to 1.
+OPTIONS = {flag.runner: flag for flag in FLAGS if flag.runner}
 
 USAGE = f"""\
-usage: python -m sparsevlm_patch.run -m MODULE [ARGS ...]
-       python -m sparsevlm_patch.run SCRIPT.py [ARGS ...]
+usage: python -m sparsevlm_patch.run [{' '.join(OPTIONS)}] -m MODULE [ARGS ...]
+       python -m sparsevlm_patch.run [{' '.join(OPTIONS)}] SCRIPT.py [ARGS ...]
 
 Runs MODULE or SCRIPT.py unchanged, as __main__, with the SparseVLM hooks installed,
-then prints an efficiency summary to stderr. Configure with the environment:
+then prints an efficiency summary to stderr.
+""" + "\n".join(f"  {name:<22} {flag.help} (= {flag.env}=1)" for name, flag in OPTIONS.items()) + f"""
+Configure with the environment:
 {usage_lines()}"""
 
 
@@ -38,9 +43,11 @@ class Tally:
         self.recycled = {}  # pruning layer -> recycled tokens, one entry per such sample
         self.flops_sparse = 0.0
         self.flops_dense = 0.0
+        self.fast_path = None  # the latest prefill's fast-path report (cuda_graphs)
 
     def __call__(self, stats: dict) -> None:
         self.prefills += 1
+        self.fast_path = stats.get("fast_path", self.fast_path)
         flops = stats["flops"]
         if "sparse" not in flops:  # text-only prefill: ran dense, nothing to prune
             return
@@ -69,6 +76,11 @@ class Tally:
         ratio = self.flops_sparse / self.flops_dense
         lines.append(f"  prefill FLOPs vs dense (analytic): {ratio:.3f} of dense "
                      f"({1 / ratio:.2f}x fewer)")
+        if self.fast_path:
+            fast = self.fast_path
+            lines.append(f"  fast path (cuda_graphs): {fast['path']}; {fast['graphs']} CUDA graphs captured in "
+                         f"{fast['capture_seconds']:.1f} s, {fast['graph_memory_mib']:.0f} MiB of graph memory; "
+                         f"{fast['prefill_shapes']} prefill shapes")
         return "\n".join(lines)
 
 
@@ -90,6 +102,9 @@ def _parse(argv: list) -> tuple:
     if argv[:1] in (["-h"], ["--help"]):
         print(USAGE)
         sys.exit(0)
+    while argv and argv[0] in OPTIONS:
+        os.environ[OPTIONS[argv[0]].env] = "1"
+        argv = argv[1:]
     if not argv:
         _exit_usage("no module or script given")
     first = argv[0]

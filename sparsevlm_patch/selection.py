@@ -42,6 +42,7 @@ def rater_attention(
     key: torch.Tensor,
     rater_slot: torch.Tensor,
     key_valid: torch.Tensor,
+    in_window: torch.Tensor = None,
 ) -> torch.Tensor:
     """Attention probabilities of the rater rows, as eager attention computes them.
 
@@ -54,6 +55,8 @@ def rater_attention(
     logits = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(query.shape[-1])
     slots = torch.arange(key.shape[2], device=key.device)
     allowed = key_valid[:, None, :] & (slots[None, None, :] <= rater_slot[:, :, None])
+    if in_window is not None:  # bool [B, R, N]: keys within the model's sliding window
+        allowed = allowed & in_window
     logits = torch.where(allowed[:, None], logits, torch.finfo(logits.dtype).min)
     return logits.softmax(dim=-1, dtype=torch.float32)
 

@@ -42,6 +42,7 @@ class PrunedCache(DynamicCache):
         super().__init__()
         self.stage_valid: List[torch.Tensor] = []
         self.stage_all_valid: List[bool] = []  # host: the stage's slots hold no pads
+        self.stage_pos: List[torch.Tensor] = []  # position ids of the stage's slots
         self.layer_stage: List[int] = []
         self.in_sparse_forward = False
 
@@ -51,6 +52,7 @@ class PrunedCache(DynamicCache):
         new.key_cache, new.value_cache = list(self.key_cache), list(self.value_cache)
         new.seen_tokens = self.seen_tokens
         new.stage_valid, new.stage_all_valid = list(self.stage_valid), list(self.stage_all_valid)
+        new.stage_pos = list(self.stage_pos)
         new.layer_stage = list(self.layer_stage)
         return new
 
@@ -66,6 +68,7 @@ class PrunedCache(DynamicCache):
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
         self.stage_valid = [v.index_select(0, beam_idx.to(v.device)) for v in self.stage_valid]
+        self.stage_pos = [p.index_select(0, beam_idx.to(p.device)) for p in self.stage_pos]
 
 
 @dataclass
@@ -82,15 +85,17 @@ class Active:
     all_valid: bool  # host: no pads in this batch
 
 
-def attention_mask_for(valid: torch.Tensor, all_valid: bool, dtype, impl: str, queries: int = None):
+def attention_mask_for(valid: torch.Tensor, all_valid: bool, dtype, impl: str, queries: int = None,
+                       pos: torch.Tensor = None, window: int = None):
     """The mask upstream's attention modules expect, for a causal pass over `valid` slots.
 
     `queries`: number of trailing slots that are queries (decode); None = all (prefill).
     SDPA and flash take None when nothing is padded; flash takes the 2-D mask; eager and
     padded SDPA take the additive 4-D mask (B, 1, q, kv). Pad query rows see themselves
-    so that no row is fully masked.
+    so that no row is fully masked. `window` (with the slots' positions `pos`): a query
+    sees only keys less than `window` positions back (Mistral's sliding window).
     """
-    if all_valid and impl in ("sdpa", "flash_attention_2"):
+    if all_valid and window is None and impl in ("sdpa", "flash_attention_2"):
         return None
     if impl == "flash_attention_2":
         return valid.long()
@@ -99,9 +104,31 @@ def attention_mask_for(valid: torch.Tensor, all_valid: bool, dtype, impl: str, q
     k_idx = torch.arange(kv, device=valid.device)
     q_idx = k_idx[kv - q:]
     allowed = valid[:, None, :] & (k_idx[None, None, :] <= q_idx[None, :, None])
+    if window is not None:
+        allowed = allowed & (pos[:, kv - q:, None] - pos[:, None, :] < window)
     allowed = allowed | (k_idx[None, None, :] == q_idx[None, :, None])
     mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def sliding_window(model, length: int):
+    """The sliding window upstream applies to `model`'s attention, None if none. In
+    transformers 4.37 Mistral applies it in eager attention only (its SDPA path ignores it).
+    Flash attention applies it by slot and slices the cache by slot, which compact batches
+    and pruned caches break: refused once a sequence reaches the window."""
+    window = getattr(model.config, "sliding_window", None)
+    impl = getattr(model.config, "_attn_implementation", "eager")
+    if window is None or impl == "sdpa":
+        return None
+    if impl == "flash_attention_2":
+        if length >= window:
+            raise ValueError(
+                f"{type(model).__name__} with flash_attention_2 and sliding_window={window} on a sequence of "
+                f"{length} tokens: flash attention applies the window by cache slot, which a pruned cache "
+                "breaks. Load the model with attn_implementation='eager' (which applies the window as "
+                "upstream does) or 'sdpa' (upstream's SDPA ignores it), or call sparsevlm_patch.disable(model)")
+        return None
+    return window
 
 
 def ensure_rope(layers, x: torch.Tensor, length: int) -> None:
@@ -135,17 +162,18 @@ class Rating:
     raters: torch.Tensor  # bool [B, R]
     visual_rank: torch.Tensor = None  # [B, L + 1]: rank among the sample's visual tokens (random)
     seed: int = 0
+    window: int = None  # the model's sliding window, where upstream applies one
 
 
 @torch.no_grad()
-def _scores(layer, act: Active, rater_weight: torch.Tensor, rope_len: int) -> torch.Tensor:
+def _scores(layer, act: Active, rater_weight: torch.Tensor, rope_len: int, window: int = None) -> torch.Tensor:
     """Rater -> visual attention of `layer` over the active tokens, from queries and keys
     (the sparsevlm and fastv rules: averaged over heads and raters)."""
-    probs, _, _ = _rater_probs(layer, act, rope_len)
+    probs, _, _ = _rater_probs(layer, act, rope_len, window)
     return visual_scores(probs, rater_weight, act.visual)
 
 
-def _rater_probs(layer, act: Active, rope_len: int):
+def _rater_probs(layer, act: Active, rope_len: int, window: int = None):
     """Eager attention's probabilities of the rater rows of `layer` [B, H, R, N], and the
     layer's RoPE tables."""
     attn = layer.self_attn
@@ -162,7 +190,8 @@ def _rater_probs(layer, act: Active, rope_len: int):
     else:
         key, query = _rotate(key, cos, sin, act.pos), _rotate(query, cos, sin, rater_pos)
     key = repeat_kv(key.transpose(1, 2), attn.num_key_value_groups)
-    return rater_attention(query.transpose(1, 2), key, act.rater_slot, act.valid), cos, sin
+    in_window = {} if window is None else {"in_window": rater_pos[:, :, None] - act.pos[:, None, :] < window}
+    return rater_attention(query.transpose(1, 2), key, act.rater_slot, act.valid, **in_window), cos, sin
 
 
 @torch.no_grad()
@@ -170,10 +199,10 @@ def _rule_scores(layer, act: Active, rating: Rating, rope_len: int, stage_index:
     if rating.rule == "random":
         return random_scores(rating.visual_rank.gather(1, act.orig), act.visual, rating.seed, stage_index)
     if rating.rule == "sparsevlm_v2":
-        probs, cos, sin = _rater_probs(layer, act, rope_len)
+        probs, cos, sin = _rater_probs(layer, act, rope_len, rating.window)
         gravity = rope_only_logits(cos, sin, act.pos.gather(1, act.rater_slot), act.pos)
         return v2_scores(probs, gravity, rating.raters, act.visual, head_count_v2(layer.self_attn.num_heads))
-    return _scores(layer, act, rating.rater_weight, rope_len)
+    return _scores(layer, act, rating.rater_weight, rope_len, rating.window)
 
 
 @dataclass
@@ -334,6 +363,7 @@ def run_prefill(model, inp: PrefillInputs, shapes: List[StageShape], rule: str, 
     impl = getattr(model.config, "_attn_implementation", "eager")
     rope_len = L  # prefill positions are < L, whoever made them
     rating, rater_slot = _rating(rule, inp, model.config.num_attention_heads, seed)
+    rating.window = window = sliding_window(model, L)
     act = Active(hidden=inp.embeds, orig=torch.arange(L, device=device)[None].expand(B, L), pos=inp.pos,
                  valid=inp.valid, visual=inp.visual, rater_slot=rater_slot, all_valid=all_valid)
     cache = PrunedCache() if use_cache else None
@@ -341,9 +371,10 @@ def run_prefill(model, inp: PrefillInputs, shapes: List[StageShape], rule: str, 
         cache.in_sparse_forward = True
         cache.stage_valid.append(act.valid)
         cache.stage_all_valid.append(act.all_valid)
+        cache.stage_pos.append(act.pos)
     stages = {s.layer: (j, s) for j, s in enumerate(shapes)}
     full = None
-    mask = attention_mask_for(act.valid, act.all_valid, inp.embeds.dtype, impl)
+    mask = attention_mask_for(act.valid, act.all_valid, inp.embeds.dtype, impl, pos=act.pos, window=window)
     hidden_states = [] if output_hidden_states else None
     stage_index = 0
     for i, layer in enumerate(layers):
@@ -353,10 +384,11 @@ def run_prefill(model, inp: PrefillInputs, shapes: List[StageShape], rule: str, 
                 full = inp.embeds.new_zeros(B, L + 1, D)
             full = _scatter(full, act)
             act = _prune(layer, act, shape, inp.counts[j], rating, inp.fallback, rope_len, L, j)
-            mask = attention_mask_for(act.valid, act.all_valid, inp.embeds.dtype, impl)
+            mask = attention_mask_for(act.valid, act.all_valid, inp.embeds.dtype, impl, pos=act.pos, window=window)
             if cache is not None:
                 cache.stage_valid.append(act.valid)
                 cache.stage_all_valid.append(act.all_valid)
+                cache.stage_pos.append(act.pos)
                 stage_index += 1
         if cache is not None:
             cache.layer_stage.append(stage_index)
@@ -420,13 +452,16 @@ def sparse_decode(model, cache: PrunedCache, *, input_ids, attention_mask, posit
     # Flash attention unpads (with host syncs) in every layer given a 2-D mask: decide once
     # per step, as upstream does (`0 in attention_mask`), whether any mask is needed at all.
     new_all_valid = impl == "flash_attention_2" and bool(new_valid.all())
+    window = sliding_window(model, past + s)
+    new_pos = position_ids.expand(B, s)
     masks = []
     for st, valid in enumerate(cache.stage_valid):
         valid = torch.cat([valid, new_valid], 1)
         cache.stage_valid[st] = valid
+        cache.stage_pos[st] = pos = torch.cat([cache.stage_pos[st].expand(B, -1), new_pos], 1)
         cache.stage_all_valid[st] = cache.stage_all_valid[st] and new_all_valid
         masks.append(attention_mask_for(valid, cache.stage_all_valid[st], inputs_embeds.dtype, impl,
-                                        queries=s))
+                                        queries=s, pos=pos, window=window))
 
     hidden = inputs_embeds
     hidden_states = [] if output_hidden_states else None

@@ -171,3 +171,21 @@ def test_training_takes_the_dynamic_path(tiny_llava, tiny_images):
         out = model(ids, images=pixels, image_sizes=[tiny_images[0].size])
     assert "fast_path" not in sparsevlm_patch.last_stats(model)
     out.logits.sum().backward()  # a real graph for autograd, not a replay
+
+
+def test_nothing_pruned_runs_dense_on_the_fast_path(tiny_llava, tiny_images):
+    """A budget covering every visual token with cuda_graphs: dense layers on the fixed-shape
+    path (what 'dense with the same capture' measures), equal to upstream."""
+    tokenizer, model, processor = tiny_llava
+    ids = prompt_ids(tokenizer, QUESTIONS[0])[None]
+    pixels = process_images(tiny_images[:1], processor, model.config)
+    sparsevlm_patch.disable(model)
+    upstream = generate(model, ids, pixels, [tiny_images[0].size])
+    sparsevlm_patch.enable(model, keep_schedule=(576, 576, 576), cuda_graphs=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = generate(model, ids, pixels, [tiny_images[0].size])
+    stats = sparsevlm_patch.last_stats(model)
+    assert "fast_path" in stats and stats["flops"]["ratio"] == 1.0
+    assert sparsevlm_patch.last_keep_mask(model).all()
+    assert_same_generation(upstream, fast)

@@ -137,3 +137,15 @@ def test_tally_skips_text_only_prefills_and_samples():
     assert "layer 2: 4.5, layer 6: 1.5" in summary
     assert "0.250 of dense (4.00x fewer)" in summary
     assert "no sparse prefill (0 prefills seen)" in Tally().summary()
+
+
+def test_cuda_graphs_option_takes_the_fast_path(tiny_llava_dir, target_dir):
+    """`--cuda-graphs` sets SPARSEVLM_CUDA_GRAPHS=1; on a CPU the fixed-shape path runs without
+    capture and the summary says so."""
+    folder, images = target_dir
+    script = str(folder / "tiny_generate.py")
+    result = run(["--cuda-graphs", script, tiny_llava_dir, images[0]], cwd=folder.parent, SPARSEVLM_RETAIN="64")
+    assert result.returncode == 0, result.stderr
+    assert f"kept visual tokens per pruning layer (mean per sample): {KEPT_64}" in result.stderr
+    assert "fast path (cuda_graphs): fixed-shape, eager; 0 CUDA graphs" in result.stderr
+    assert "capture needs a CUDA device" in result.stderr
