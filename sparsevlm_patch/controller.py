@@ -67,8 +67,8 @@ def _generation(model, kwargs) -> dict:
     reason = None
     if (get("num_beams") or 1) > 1:
         reason = "beam search reorders the cache"
-    elif get("penalty_alpha") or kwargs.get("assistant_model") is not None:
-        reason = "contrastive or assisted generation"
+    elif get("penalty_alpha") or kwargs.get("assistant_model") is not None or get("prompt_lookup_num_tokens"):
+        reason = "contrastive, assisted or prompt-lookup generation"
     elif get("output_attentions") or get("output_hidden_states"):
         reason = "generation with output_attentions or output_hidden_states"
     new_tokens = get("max_new_tokens") or get("max_length") or 20
@@ -151,6 +151,9 @@ def _fast_state(state) -> "fastpath.FastState":
 
 def _fast_prefill_refusal(model, a: dict, use_cache: bool):
     """Why this prefill can't take the fast path (None: it can)."""
+    reason = fastpath.refusal(model)
+    if reason:
+        return reason
     if model.training or torch.is_grad_enabled():
         return "training, or gradients enabled (the fast path is for inference under torch.no_grad)"
     if _flag(a, model, "output_hidden_states") or _flag(a, model, "output_attentions"):
@@ -171,31 +174,32 @@ def _fast_prefill(model, state, layout, plan, a: dict, use_cache: bool):
     B, L, _ = embeds.shape
     capture = fastpath.can_capture(embeds.device)
     if not capture:
-        fastpath.fallback(f"capture needs a CUDA device (this model is on {embeds.device.type}): the fixed-shape "
-                          "fast path runs without graphs")
+        fastpath.note_once(f"capture needs a CUDA device (this model is on {embeds.device.type}): the fixed-shape "
+                           "fast path runs without graphs")
     length = fastpath.bucket(L, fastpath.LENGTH_BUCKET)
     raters = fastpath.bucket(max(s.question_span[1] - s.question_span[0] for s in layout.samples),
                              fastpath.RATER_BUCKET)
     scope = handoff.generation_scope()
     new_tokens = fastpath.bucket(scope.generation["new_tokens"], fastpath.NEW_TOKENS_BUCKET) if scope else 0
     ensure_rope(model.layers, embeds, length + new_tokens)
-    fast.track_rope(model.layers)
+    fast.track(model)
     inp = prefill_inputs(layout, plan, embeds, a["position_ids"], length=length, raters=raters)
     shapes = stage_shapes(plan, length=length)
     config = state.config
     key = ("prefill", B, length, raters, tuple(plan.visual_counts), embeds.dtype, use_cache)
     run = fastpath.runner(fast, key, lambda **t: run_prefill(
         model, PrefillInputs(**t), shapes, config.selection, config.seed, all_valid=False, use_cache=use_cache)[:3])
-    last, keep, cache = run(capture, **inp.tensors())
-    fast.last_path = "captured" if capture else "fixed-shape, eager"
-    keep = keep[:, :L].clone()
+    with fast.lock:  # the graph's outputs are copied out before another replay
+        last, keep, cache = run(capture, **inp.tensors())
+        fast.last_path = "captured" if capture and run.graph is not None else "fixed-shape, eager"
+        last, keep = last[:, :L].clone(), keep[:, :L].clone()
+        if cache is not None:
+            cache = _static_cache(fast, cache, L) or _owned_cache(cache, L)
     stats = prefill_stats(plan, [s.image_spans for s in layout.samples], model.config, len(model.layers),
                           pruned=any(stage.changes for stage in plan.stages))
     stats["fast_path"] = fast.report()
     state.record(keep, stats)
-    if cache is not None:
-        cache = _static_cache(fast, cache, L) or _owned_cache(cache, L)
-    return model_outputs(last[:, :L].clone(), cache, None, _flag(a, model, "use_return_dict", "return_dict"))
+    return model_outputs(last, cache, None, _flag(a, model, "use_return_dict", "return_dict"))
 
 
 def _static_cache(fast, cache, prompt_length: int):
@@ -265,10 +269,11 @@ def _fast_decode(model, state, cache, a: dict):
         view = fastpath.StaticPrunedCache(buffers, 0)
         window = sliding_window(model, buffers.valid[0].shape[1])
         buffers.runner = fastpath.Runner(lambda **t: fastpath.decode_step(model, view, window=window, **t), fast)
-    hidden = buffers.runner(capture, embeds=embeds, position_ids=position_ids, new_valid=new_valid,
-                            step=to_device(torch.tensor([step]), embeds.device))
+    with fast.lock:
+        hidden = buffers.runner(capture, embeds=embeds, position_ids=position_ids, new_valid=new_valid,
+                                step=to_device(torch.tensor([step]), embeds.device)).clone()
     cache.length = cache.prompt_length + step + 1
-    return model_outputs(hidden.clone(), cache, None, _flag(a, model, "use_return_dict", "return_dict"))
+    return model_outputs(hidden, cache, None, _flag(a, model, "use_return_dict", "return_dict"))
 
 
 def encode_images(wrapped, instance, args, kwargs):
@@ -280,8 +285,10 @@ def encode_images(wrapped, instance, args, kwargs):
             or not torch.is_tensor(images) or not fastpath.can_capture(images.device)):
         return wrapped(*args, **kwargs)
     fast = _fast_state(state)
-    run = fastpath.runner(fast, ("vision", tuple(images.shape), images.dtype), lambda images: wrapped(images))
-    return run(True, images=images).clone()
+    weights = next(instance.get_model().get_vision_tower().parameters())
+    key = ("vision", tuple(images.shape), images.dtype, weights.data_ptr(), weights.dtype)
+    with fast.lock:
+        return fastpath.runner(fast, key, lambda images: wrapped(images))(True, images=images).clone()
 
 
 def _refuse_rebuilt_pruned_cache(past) -> None:
@@ -310,11 +317,25 @@ def _record_text_only(state, model, a: dict) -> None:
     state.record(keep, prefill_stats(plan, [[] for _ in valid], model.config, len(model.layers), pruned=False))
 
 
+def _bound(wrapped, args, kwargs) -> inspect.BoundArguments:
+    """Upstream's arguments bound to its own signature (`self` bound to None), defaults applied."""
+    func = getattr(wrapped, "__func__", wrapped)
+    signature = _signatures.get(func)
+    if signature is None:
+        signature = _signatures[func] = inspect.signature(func)
+    bound = signature.bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    return bound
+
+
 def prepare_multimodal(wrapped, instance, args, kwargs):
     """prepare_inputs_labels_for_multimodal: upstream's splice, plus the batch layout.
 
     Upstream receives a probe in place of the labels (see layout.py); the real labels are
-    rebuilt from the relaid probe, so every output equals upstream's.
+    rebuilt from the relaid probe, so every output equals upstream's. Every other argument
+    goes through as given (LLaVA-NeXT's `modalities` too), and upstream's tuple comes back
+    whatever its length (LLaVA's 6 values, LLaVA-NeXT's 7 with `action_idx`), with only the
+    input ids (None), the attention mask (None if none was given) and the labels replaced.
     """
     state = state_for(instance, auto=True)
     if state is None or not state.enabled:
@@ -322,7 +343,8 @@ def prepare_multimodal(wrapped, instance, args, kwargs):
     # A model loaded without upstream's loader gets the environment's state here: one whose
     # language model the plugin can't prune must not run dense in silence.
     check_prunable(instance, "SPARSEVLM=1 (the environment)", "set SPARSEVLM=0 to run it as upstream")
-    a = _arguments(wrapped, args, kwargs)
+    bound = _bound(wrapped, args, kwargs)
+    a = bound.arguments
     input_ids, attention_mask, labels = a["input_ids"], a["attention_mask"], a["labels"]
     if a["images"] is None or input_ids is None or input_ids.shape[1] == 1:
         return wrapped(*args, **kwargs)
@@ -334,13 +356,13 @@ def prepare_multimodal(wrapped, instance, args, kwargs):
                       "applies to a prefill only, so this forward runs dense (upstream)", stacklevel=3)
         return wrapped(*args, **kwargs)
     B, L = input_ids.shape
-    probe = torch.arange(L, device=input_ids.device).expand(B, L).contiguous()
-    mask_in = attention_mask if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    _, position_ids, mask_out, past, embeds, probe_out = wrapped(
-        input_ids, a["position_ids"], mask_in, a["past_key_values"], probe, a["images"],
-        image_sizes=a["image_sizes"])
+    a["labels"] = torch.arange(L, device=input_ids.device).expand(B, L).contiguous()  # the probe
+    if attention_mask is None:
+        a["attention_mask"] = torch.ones_like(input_ids, dtype=torch.bool)
+    out = tuple(wrapped(*bound.args[1:], **bound.kwargs))
+    _, position_ids, mask_out, past, embeds, probe_out = out[:6]
     if embeds is None:  # upstream returned early (no vision tower): its inputs, unchanged
-        return input_ids, a["position_ids"], attention_mask, a["past_key_values"], None, labels
+        return (out[0], out[1], attention_mask, out[3], None, labels) + out[6:]
     relaid = lambda values: torch.where(  # noqa: E731  (values moved as upstream moves labels)
         probe_out >= 0, values.gather(1, probe_out.clamp(min=0)), torch.full_like(probe_out, IGNORE_INDEX))
     labels_out = None if labels is None else relaid(labels).to(labels.dtype)
@@ -349,7 +371,7 @@ def prepare_multimodal(wrapped, instance, args, kwargs):
         rater_labels = None
     layout = layout_from_probe(probe_out, mask_out.bool(), None if rater_labels is None else relaid(rater_labels))
     handoff.put(inner, layout, embeds)
-    return None, position_ids, (None if attention_mask is None else mask_out), past, embeds, labels_out
+    return (None, position_ids, (None if attention_mask is None else mask_out), past, embeds, labels_out) + out[6:]
 
 
 def rope_forward(wrapped, instance, args, kwargs):

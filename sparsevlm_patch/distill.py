@@ -259,9 +259,12 @@ def teacher_hidden(teacher, inputs: dict) -> torch.Tensor:
     elif isinstance(images, (list, tuple)):
         images = [image.to(dtype) for image in images]
     with torch.no_grad():
-        _, position_ids, attention_mask, _, embeds, _ = teacher.prepare_inputs_labels_for_multimodal(
-            inputs["input_ids"], None, inputs.get("attention_mask"), None, None,
-            images, inputs.get("image_sizes"))
+        # By keyword, and by index: LLaVA-NeXT's splice takes `modalities` before `image_sizes`
+        # and returns one value more than LLaVA's.
+        spliced = teacher.prepare_inputs_labels_for_multimodal(
+            inputs["input_ids"], None, inputs.get("attention_mask"), None, None, images,
+            image_sizes=inputs.get("image_sizes"))
+        position_ids, attention_mask, embeds = spliced[1], spliced[2], spliced[4]
         out = teacher.get_model()(inputs_embeds=embeds, attention_mask=attention_mask,
                                   position_ids=position_ids, use_cache=False)
     return out.last_hidden_state

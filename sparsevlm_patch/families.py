@@ -18,22 +18,32 @@ from .state import language_model, unwrap
 class Family:
     lm_class: str  # the language model whose forward the plugin wraps (it or a subclass)
     lm_module: str  # where `lm_class` is defined
-    llava_class: str  # the LLaVA class that runs it
+    llava_class: str  # the LLaVA class that runs it (its splice and calls are the rows hooked)
+    llava_module: str  # where `llava_class` is defined
     codebase: str  # the distribution that ships `llava_class`
 
 
 FAMILIES = (
-    Family("LlamaModel", "transformers.models.llama.modeling_llama", "LlavaLlamaForCausalLM", "llava-torch"),
-    Family("MistralModel", "transformers.models.mistral.modeling_mistral", "LlavaMistralForCausalLM", "llava-torch"),
+    Family("LlamaModel", "transformers.models.llama.modeling_llama", "LlavaLlamaForCausalLM",
+           "llava.model.language_model.llava_llama", "llava-torch"),
+    Family("MistralModel", "transformers.models.mistral.modeling_mistral", "LlavaMistralForCausalLM",
+           "llava.model.language_model.llava_mistral", "llava-torch"),
+    Family("Qwen2Model", "transformers.models.qwen2.modeling_qwen2", "LlavaQwenForCausalLM",
+           "llavaction.model.language_model.llava_qwen", "LLaVA-NeXT (llavaction)"),
 )
 
 
+def _derives(cls, name: str, module: str) -> bool:
+    return any((c.__name__, c.__module__) == (name, module) for c in cls.__mro__)
+
+
 def family_of(model) -> Optional[Family]:
-    """The supported family of `model`'s language model, None if it has none."""
-    for cls in type(language_model(model)).__mro__:
-        for family in FAMILIES:
-            if (cls.__name__, cls.__module__) == (family.lm_class, family.lm_module):
-                return family
+    """The supported family of `model`: its language model and its LLaVA class both the
+    family's (another codebase's LLaVA class over the same LM has no hooked splice)."""
+    for family in FAMILIES:
+        if (_derives(type(language_model(model)), family.lm_class, family.lm_module)
+                and _derives(type(unwrap(model)), family.llava_class, family.llava_module)):
+            return family
     return None
 
 
@@ -50,6 +60,6 @@ def check_prunable(model, source: str, hint: str = "") -> None:
     lm_name = lm.__name__ if base is lm else f"{lm.__name__} (subclass of {base.__module__}.{base.__name__})"
     supported = "; ".join(f"{f.lm_class} ({f.lm_module}), run by {f.llava_class} ({f.codebase})" for f in FAMILIES)
     raise ValueError(
-        f"{source}: {type(llava).__name__}'s language model is {lm_name}, which sparsevlm_patch "
-        f"cannot prune (it would run dense). Supported language models: {supported}."
+        f"{source}: {type(llava).__module__}.{type(llava).__name__}'s language model is {lm_name}; "
+        f"sparsevlm_patch cannot prune that pair (it would run dense). Supported language models: {supported}."
         + (f" {hint}" if hint else ""))

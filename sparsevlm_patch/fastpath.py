@@ -17,6 +17,7 @@ configuration) drops them.
 from __future__ import annotations
 
 import math
+import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -30,16 +31,20 @@ LENGTH_BUCKET = 64  # prompt lengths round up to a multiple of this
 RATER_BUCKET = 32  # question lengths (rater candidates) likewise
 NEW_TOKENS_BUCKET = 32  # max_new_tokens likewise
 MAX_LENGTH = 8192  # longer prompts take the dynamic path
+MAX_SHAPES = 32  # captured shapes kept per model (least recently used ones go first)
 
 _warned = set()
 
 
+def note_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"sparsevlm_patch cuda_graphs: {message}", stacklevel=4)
+
+
 def fallback(reason: str) -> None:
     """Say once per reason why a call took the dynamic path instead of the fast one."""
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"sparsevlm_patch cuda_graphs: {reason}; this call runs eagerly on the dynamic path",
-                      stacklevel=4)
+    note_once(f"{reason}; this call runs eagerly on the dynamic path")
 
 
 def bucket(n: int, size: int) -> int:
@@ -50,31 +55,53 @@ def can_capture(device: torch.device) -> bool:
     return device.type == "cuda" and not torch.is_grad_enabled()
 
 
+def refusal(model) -> Optional[str]:
+    """Why the fast path can't serve `model` at all (None: it can)."""
+    if getattr(model.config, "_attn_implementation", "eager") == "flash_attention_2":
+        return "flash_attention_2 unpads with host round-trips, which a captured graph can't hold"
+    if len({p.device for p in model.parameters()}) > 1:
+        return "the model is split over several devices"
+    return None
+
+
 @dataclass
 class FastState:
     """Per-model graphs and buffers (on the model's SparseState)."""
 
-    runners: Dict[tuple, "Runner"] = field(default_factory=dict)
+    runners: Dict[tuple, "Runner"] = field(default_factory=dict)  # in order of last use
     decode: Dict[tuple, "DecodeBuffers"] = field(default_factory=dict)
     capture_seconds: float = 0.0
     graph_bytes: int = 0
     last_path: str = ""
     rope_tables: list = field(default_factory=list)  # every RoPE table a graph may read
+    weights: tuple = ()
+    # One replay at a time: graphs share one memory pool, and a runner's static inputs and
+    # outputs are its own (threads of a model worker take turns; the GPU serialises them anyway).
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    pool: object = None
 
-    def track_rope(self, layers) -> None:
-        """Graphs read the RoPE tables by address. When upstream grows a table (a longer prompt
-        than any before), later captures read the new one; the old ones stay alive for the
-        graphs already captured on them."""
+    def track(self, model) -> None:
+        """Graphs read the weights and the RoPE tables by address. When the weights move
+        (`model.to(...)`) or upstream grows a RoPE table (a longer prompt than any before),
+        the graphs captured so far are dropped; old RoPE tables stay alive for a generation
+        still decoding on them."""
+        layers = model.layers
+        first = next(model.parameters())
+        weights = (first.data_ptr(), first.dtype, first.device)
         table = layers[0].self_attn.rotary_emb.cos_cached
+        if self.rope_tables and (self.rope_tables[-1][0] is not table or self.weights != weights):
+            self.runners.clear()
+            self.decode = {k: b for k, b in self.decode.items() if b.in_use}
         if not self.rope_tables or self.rope_tables[-1][0] is not table:
-            if self.rope_tables:
-                self.runners.clear()
-                self.decode = {k: b for k, b in self.decode.items() if b.in_use}
             self.rope_tables.append([layer.self_attn.rotary_emb.cos_cached for layer in layers]
                                     + [layer.self_attn.rotary_emb.sin_cached for layer in layers])
+        self.weights = weights
 
     def report(self) -> dict:
-        return {"path": self.last_path, "graphs": sum(r.graph is not None for r in self.runners.values()),
+        graphs = sum(r.graph is not None for r in self.runners.values())
+        graphs += sum(getattr(b, "runner", None) is not None and b.runner.graph is not None
+                      for b in self.decode.values())
+        return {"path": self.last_path, "graphs": graphs,
                 "prefill_shapes": sum(key[0] == "prefill" for key in self.runners),
                 "capture_seconds": round(self.capture_seconds, 3),
                 "graph_memory_mib": round(self.graph_bytes / 2 ** 20, 1)}
@@ -88,46 +115,59 @@ class Runner:
     copies its inputs into the graph's static buffers and replays. Outputs are the graph's
     own tensors: the caller copies what it keeps past the next replay."""
 
-    _pool = None
-
     def __init__(self, fn: Callable, fast: FastState):
         self.fn, self.fast = fn, fast
         self.graph = self.static = self.out = None
+        self.failed = False
 
     def __call__(self, capture: bool, **inputs):
-        if not capture:
+        """Call with `fast.lock` held, until what is kept of the outputs has been copied."""
+        if not capture or self.failed:
             return self.fn(**inputs)
-        if self.graph is None:
-            self._capture(inputs)
+        if self.graph is None and not self._capture(inputs):
+            return self.fn(**inputs)
         for name, tensor in inputs.items():
             self.static[name].copy_(tensor)
         self.graph.replay()
         return self.out
 
-    def _capture(self, inputs: dict) -> None:
+    def _capture(self, inputs: dict) -> bool:
         start, before = time.perf_counter(), torch.cuda.memory_reserved()
-        self.static = {name: tensor.clone() for name, tensor in inputs.items()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.fn(**self.static)
-        torch.cuda.current_stream().wait_stream(side)
-        if Runner._pool is None:
-            Runner._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=Runner._pool):
-            self.out = self.fn(**self.static)
-        torch.cuda.synchronize()
+        with torch.inference_mode(False):  # buffers later written in place under plain no_grad too
+            self.static = {name: tensor.clone() for name, tensor in inputs.items()}
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.fn(**self.static)
+            torch.cuda.current_stream().wait_stream(side)
+            if self.fast.pool is None:
+                self.fast.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.fast.pool, capture_error_mode="thread_local"):
+                self.out = self.fn(**self.static)
+            torch.cuda.synchronize()
+        except Exception as error:  # noqa: BLE001  (any failure: this shape runs eagerly from now on)
+            self.failed, self.static, self.out = True, None, None
+            note_once(f"capture failed ({type(error).__name__}: {error}); this shape runs eagerly")
+            return False
         self.graph = graph
         self.fast.capture_seconds += time.perf_counter() - start
         self.fast.graph_bytes += torch.cuda.memory_reserved() - before
+        return True
 
 
 def runner(fast: FastState, key: tuple, fn: Callable) -> Runner:
-    found = fast.runners.get(key)
+    """The runner of `key`, made on first use; past MAX_SHAPES, the least recently used goes."""
+    found = fast.runners.pop(key, None)
     if found is None:
-        found = fast.runners[key] = Runner(fn, fast)
+        found = Runner(fn, fast)
+        if len(fast.runners) >= MAX_SHAPES:
+            note_once(f"more than {MAX_SHAPES} shapes captured for one model (e.g. images of many sizes): "
+                      "the least recently used graphs are dropped and captured again when needed")
+            fast.runners.pop(next(iter(fast.runners)))
+    fast.runners[key] = found  # most recently used last
     return found
 
 
@@ -148,6 +188,7 @@ class DecodeBuffers:
     """Static per-layer KV buffers of one (batch, stage widths, new tokens) shape: stage s
     holds its `prefix[s]` prefill slots, then `new_tokens` decode slots."""
 
+    @torch.inference_mode(False)  # written in place under inference_mode and plain no_grad alike
     def __init__(self, like_keys: List[torch.Tensor], layer_stage: List[int], prefix: List[int], new_tokens: int):
         B = like_keys[0].shape[0]
         device = like_keys[0].device
@@ -228,13 +269,17 @@ def decode_buffers(fast: FastState, cache, new_tokens: int) -> Optional[DecodeBu
     prefix = [v.shape[1] for v in cache.stage_valid]
     k = cache.key_cache[0]
     key = (k.shape[0], tuple(prefix), new_tokens, k.dtype, k.device, tuple(cache.layer_stage))
-    buffers = fast.decode.get(key)
-    if buffers is None:
-        buffers = fast.decode[key] = DecodeBuffers(cache.key_cache, cache.layer_stage, prefix, new_tokens)
-    if buffers.in_use:
-        return None
-    buffers.in_use = True
-    return buffers
+    with fast.lock:
+        buffers = fast.decode.get(key)
+        if buffers is None:
+            idle = [k for k, b in fast.decode.items() if not b.in_use]
+            if len(idle) >= MAX_SHAPES:
+                fast.decode.pop(idle[0])
+            buffers = fast.decode[key] = DecodeBuffers(cache.key_cache, cache.layer_stage, prefix, new_tokens)
+        if buffers.in_use:
+            return None
+        buffers.in_use = True
+        return buffers
 
 
 def decode_step(model, cache: StaticPrunedCache, embeds, position_ids, new_valid, step, window=None):

@@ -33,6 +33,12 @@ _LLAMA = "transformers.models.llama.modeling_llama"
 _MISTRAL = "transformers.models.mistral.modeling_mistral"
 _LLAVA_LLAMA = "llava.model.language_model.llava_llama"
 _LLAVA_MISTRAL = "llava.model.language_model.llava_mistral"
+_QWEN2 = "transformers.models.qwen2.modeling_qwen2"
+# LLaVA-NeXT's Qwen2 LLaVA, as PyPI's `llavaction` ships it. Its splice and encode_images are
+# LlavaMetaForCausalLM's (llavaction.model.llava_arch), wrapped here on LlavaQwenForCausalLM,
+# which inherits them: rows are keyed by "Class.method" (compat.EXPECTED), and
+# "LlavaMetaForCausalLM.<method>" already names llava-torch's rows.
+_LLAVA_QWEN = "llavaction.model.language_model.llava_qwen"
 _LM_FORWARD = ("self", "input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds",
                "use_cache", "output_attentions", "output_hidden_states", "return_dict")
 _LLAVA_FORWARD = ("self", "input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds",
@@ -46,6 +52,8 @@ PATCHES = (
     Patch(_LLAMA, "LlamaRotaryEmbedding.forward", controller.rope_forward, ("self", "x", "seq_len")),
     Patch(_MISTRAL, "MistralModel.forward", controller.lm_forward, _LM_FORWARD),
     Patch(_MISTRAL, "MistralRotaryEmbedding.forward", controller.rope_forward, ("self", "x", "seq_len")),
+    Patch(_QWEN2, "Qwen2Model.forward", controller.lm_forward, _LM_FORWARD),
+    Patch(_QWEN2, "Qwen2RotaryEmbedding.forward", controller.rope_forward, ("self", "x", "seq_len")),
     Patch("llava.model.llava_arch", "LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal",
           controller.prepare_multimodal,
           ("self", "input_ids", "position_ids", "attention_mask", "past_key_values", "labels", "images",
@@ -58,6 +66,14 @@ PATCHES = (
     Patch(_LLAVA_MISTRAL, "LlavaMistralForCausalLM.forward", controller.call_scope, _LLAVA_FORWARD),
     Patch(_LLAVA_MISTRAL, "LlavaMistralForCausalLM.generate", controller.call_scope,
           ("self", "inputs", "images", "image_sizes", "kwargs")),
+    Patch(_LLAVA_QWEN, "LlavaQwenForCausalLM.prepare_inputs_labels_for_multimodal", controller.prepare_multimodal,
+          ("self", "input_ids", "position_ids", "attention_mask", "past_key_values", "labels", "images",
+           "modalities", "image_sizes")),
+    Patch(_LLAVA_QWEN, "LlavaQwenForCausalLM.encode_images", controller.encode_images, ("self", "images")),
+    Patch(_LLAVA_QWEN, "LlavaQwenForCausalLM.forward", controller.call_scope,
+          _LLAVA_FORWARD + ("modalities", "actions", "dpo_forward", "cache_position")),
+    Patch(_LLAVA_QWEN, "LlavaQwenForCausalLM.generate", controller.call_scope,
+          ("self", "inputs", "images", "image_sizes", "modalities", "kwargs")),
     Patch("llava.model.builder", "load_pretrained_model", controller.load_pretrained,
           ("model_path", "model_base", "model_name", "load_8bit", "load_4bit", "device_map", "device",
            "use_flash_attn", "kwargs")),

@@ -143,7 +143,8 @@ def rope_only_logits(cos: torch.Tensor, sin: torch.Tensor, query_pos: torch.Tens
     dot product over sqrt(head_dim). cos/sin [P, d]; query_pos [B, R], key_pos [B, N] ->
     float32 [B, R, N]."""
     d = cos.shape[-1]
-    sign = torch.cat([-torch.ones(d // 2), torch.ones(d // 2)]).to(cos.device)
+    sign = torch.ones(d, device=cos.device)
+    sign[: d // 2] = -1
     rotated_ones = cos.float() + sign * sin.float()  # ones * cos + rotate_half(ones) * sin
     q, k = rotated_ones[query_pos], rotated_ones[key_pos]
     return torch.einsum("brd,bnd->brn", q, k) / math.sqrt(d)

@@ -113,7 +113,8 @@ def attention_mask_for(valid: torch.Tensor, all_valid: bool, dtype, impl: str, q
 
 def sliding_window(model, length: int):
     """The sliding window upstream applies to `model`'s attention, None if none. In
-    transformers 4.37 Mistral applies it in eager attention only (its SDPA path ignores it).
+    transformers 4.37 Mistral and Qwen2 apply it in eager attention (Qwen2 even with
+    `use_sliding_window=False`); their SDPA paths ignore it.
     Flash attention applies it by slot and slices the cache by slot, which compact batches
     and pruned caches break: refused once a sequence reaches the window."""
     window = getattr(model.config, "sliding_window", None)
@@ -121,6 +122,8 @@ def sliding_window(model, length: int):
     if window is None or impl == "sdpa":
         return None
     if impl == "flash_attention_2":
+        if not getattr(model.config, "use_sliding_window", True):
+            return None  # Qwen2's flash attention applies the window only when asked to
         if length >= window:
             raise ValueError(
                 f"{type(model).__name__} with flash_attention_2 and sliding_window={window} on a sequence of "

@@ -146,3 +146,15 @@ def test_distillation_setup_refuses_before_the_teacher_loads(family_dirs, monkey
         distill._setup(trainer, model)
     assert_names_the_classes(str(error.value), "mpt")
     assert teachers == [] and get_state(model) is None
+
+
+def test_another_codebases_llava_class_over_a_supported_lm_is_refused():
+    """LLaVA-NeXT's own LlavaLlamaForCausalLM (llavaction) runs transformers' LlamaModel, but its
+    splice is not the hooked one: refused, not run dense in silence."""
+    from llavaction.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+
+    model = LlavaLlamaForCausalLM(LlavaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4, vocab_size=100))
+    with pytest.raises(ValueError, match=r"llavaction\.model\.language_model\.llava_llama\.LlavaLlamaForCausalLM"):
+        sparsevlm_patch.enable(model, retain_tokens=64)
+    assert get_state(model) is None

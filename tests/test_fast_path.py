@@ -189,3 +189,19 @@ def test_nothing_pruned_runs_dense_on_the_fast_path(tiny_llava, tiny_images):
     assert "fast_path" in stats and stats["flops"]["ratio"] == 1.0
     assert sparsevlm_patch.last_keep_mask(model).all()
     assert_same_generation(upstream, fast)
+
+
+def test_static_buffers_serve_inference_mode_and_no_grad_alike(tiny_llava, tiny_images):
+    """Upstream's eval scripts run under inference_mode, its chat under no_grad: buffers made
+    under one are written in place under the other."""
+    tokenizer, model, processor = tiny_llava
+    ids = prompt_ids(tokenizer, QUESTIONS[0])[None]
+    pixels = process_images(tiny_images[:1], processor, model.config)
+    sparsevlm_patch.enable(model, retain_tokens=64, cuda_graphs=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = generate(model, ids, pixels, [tiny_images[0].size])
+        with torch.no_grad():
+            again = model.generate(ids, images=pixels, image_sizes=[tiny_images[0].size], max_new_tokens=6,
+                                   do_sample=False)
+    assert torch.equal(first.sequences, again)
