@@ -49,7 +49,7 @@ class SparseConfig:
     pruning_layers: Tuple[int, ...] = DEFAULT_LAYERS
     retain_tokens: Optional[int] = DEFAULT_RETAIN
     keep_schedule: Optional[Tuple[int, ...]] = None
-    recycle: bool = True
+    recycle: Optional[bool] = None  # None: the rule's default (on for sparsevlm only)
     selection: str = DEFAULTS["selection"]
     seed: int = DEFAULTS["seed"]
     cuda_graphs: bool = DEFAULTS["cuda_graphs"]
@@ -58,6 +58,8 @@ class SparseConfig:
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection={self.selection!r} is not a selection rule: expected one of "
                              f"{', '.join(SELECTIONS)}")
+        if self.recycle is None:
+            object.__setattr__(self, "recycle", RULE_RECYCLES.get(self.selection, False))
 
     def keep_counts(self, visual_count: int) -> Tuple[int, ...]:
         """Visual tokens kept at each pruning layer for a sample with `visual_count`."""
@@ -231,7 +233,7 @@ def make_config(
         pruning_layers=layers,
         retain_tokens=retain,
         keep_schedule=schedule,
-        recycle=RULE_RECYCLES.get(rule, False) if recycle is None else parse_bool(names["recycle"], recycle),
+        recycle=None if recycle is None else parse_bool(names["recycle"], recycle),
         selection=rule,
         seed=seed_value,
         cuda_graphs=parse_bool(names["cuda_graphs"], cuda_graphs),

@@ -130,7 +130,10 @@ def test_every_rules_presets(retain):
 
 
 def test_recycling_defaults_to_the_rules_own():
-    assert make_config().recycle is True
+    from sparsevlm_patch.config import SparseConfig
+
+    assert make_config().recycle is True and SparseConfig().recycle is True
+    assert SparseConfig(selection="fastv").recycle is False  # the config object resolves it itself
     for rule in ("sparsevlm_v2", "fastv", "random"):
         assert make_config(selection=rule).recycle is False
         assert make_config(selection=rule, recycle=True).recycle is True
