@@ -28,13 +28,7 @@ _signatures = {}
 
 def _arguments(wrapped, args, kwargs) -> dict:
     """Upstream's arguments by name (upstream calls some of these functions positionally)."""
-    func = getattr(wrapped, "__func__", wrapped)
-    signature = _signatures.get(func)
-    if signature is None:
-        signature = _signatures[func] = inspect.signature(func)
-    bound = signature.bind(None, *args, **kwargs)
-    bound.apply_defaults()
-    return bound.arguments
+    return _bound(wrapped, args, kwargs).arguments
 
 
 def _flag(a: dict, model, config_name: str, arg_name: str = None):

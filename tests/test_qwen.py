@@ -28,8 +28,6 @@ from llava.mm_utils import process_images
 import sparsevlm_patch
 from sparsevlm_patch.tiny import prompt_ids
 
-pytest.importorskip("llavaction")
-
 ATOL = 2e-5
 QUESTIONS = ("What color is the shape in the top-left?", "How many shapes are in the image? One word.")
 
