@@ -4,7 +4,8 @@ held to Llama's contracts.
 The tiny Mistral here carries the tiny LLaVA-Llama's weights (the two LMs have the same
 modules), so without a sliding window its dense outputs equal Llama's: every selection rule
 then keeps exactly the tokens it keeps on Llama, where the naive-selection tests
-(test_inference.py, test_rules.py) pin them down.
+(test_inference.py, test_rules.py) pin them down. The contracts every family shares (rules,
+batch == single, generation) are in test_family_contracts.py; Mistral's own ones are here.
 """
 import os
 import warnings
@@ -65,72 +66,10 @@ def test_dense_mistral_equals_llama_and_disable_or_remove_is_upstream(pair):
         sparsevlm_patch.apply()
 
 
-@pytest.mark.parametrize("selection", ["sparsevlm", "sparsevlm_v2", "fastv", "random"])
-def test_every_rule_prunes_mistral_as_it_prunes_llama(pair, selection):
-    tokenizer, llama, mistral, pixels, sizes = pair
-    ids = prompt_ids(tokenizer, QUESTIONS[1])[None]
-    kwargs = dict(images=pixels[:1], image_sizes=sizes[:1])
-    results = []
-    for model in (llama, mistral):
-        sparsevlm_patch.enable(model, retain_tokens=64, selection=selection)
-        logits = run(model, ids, **kwargs).logits
-        results.append((logits, sparsevlm_patch.last_keep_mask(model), sparsevlm_patch.last_stats(model)))
-    (llama_logits, llama_keep, llama_stats), (logits, keep, stats) = results
-    assert stats["kept_visual"] == llama_stats["kept_visual"] and stats["kept_visual"][0][0] == 66
-    assert torch.equal(keep, llama_keep)
-    assert torch.allclose(logits, llama_logits, atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_mistral_batch_equals_each_sample_alone(pair, side):
-    tokenizer, _, mistral, pixels, sizes = pair
-    seqs = [prompt_ids(tokenizer, q) for q in QUESTIONS]
-    length = max(len(s) for s in seqs)
-    ids = torch.full((2, length), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(2, length, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        cols = slice(0, len(s)) if side == "right" else slice(length - len(s), length)
-        ids[b, cols], mask[b, cols] = s, 1
-    mistral.config.tokenizer_padding_side = side
-    kwargs = dict(attention_mask=mask, images=pixels, image_sizes=sizes)
-    if side == "left":
-        kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
-    sparsevlm_patch.enable(mistral, retain_tokens=64)
-    batch = run(mistral, ids, **kwargs)
-    keep = sparsevlm_patch.last_keep_mask(mistral)
-    for b in range(2):
-        single = run(mistral, seqs[b][None], images=pixels[b:b + 1], image_sizes=sizes[b:b + 1])
-        n = single.logits.shape[1]
-        cols = slice(0, n) if side == "right" else slice(keep.shape[1] - n, keep.shape[1])
-        assert torch.equal(keep[b, cols], sparsevlm_patch.last_keep_mask(mistral)[0])
-        assert torch.allclose(batch.logits[b, cols], single.logits[0], atol=ATOL, rtol=0)
-
-
 def generate(model, ids, pixels, sizes, **kwargs):
     with torch.inference_mode():
         return model.generate(ids, images=pixels, image_sizes=sizes, max_new_tokens=5, do_sample=False,
                               return_dict_in_generate=True, output_scores=True, **kwargs)
-
-
-def test_mistral_generation_prunes_and_left_padded_batch_equals_each_sample(pair):
-    tokenizer, _, mistral, pixels, sizes = pair
-    seqs = [prompt_ids(tokenizer, q) for q in QUESTIONS]
-    length = max(len(s) for s in seqs)
-    ids = torch.full((2, length), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(2, length, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, length - len(s):], mask[b, length - len(s):] = s, 1
-    mistral.config.tokenizer_padding_side = "left"
-    sparsevlm_patch.enable(mistral, retain_tokens=64)
-    batch = generate(mistral, ids, pixels, sizes, attention_mask=mask)
-    assert sparsevlm_patch.last_stats(mistral)["kept_visual"] == [[66, 30, 17]] * 2
-    cache = batch.past_key_values
-    assert cache[15][0].shape[-2] < cache[0][0].shape[-2]  # the cache is pruned
-    for b in range(2):
-        single = generate(mistral, seqs[b][None], pixels[b:b + 1], sizes[b:b + 1])
-        assert torch.equal(batch.sequences[b], single.sequences[0])
-        for got, want in zip(batch.scores, single.scores):
-            assert torch.allclose(got[b], want[0], atol=ATOL, rtol=0)
 
 
 def test_sliding_window_holds_inside_compact_batches(tiny_llava, tiny_images):
