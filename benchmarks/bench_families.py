@@ -68,7 +68,6 @@ import sys
 import time
 import traceback
 import warnings
-from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -80,7 +79,7 @@ import torch  # noqa: E402
 
 import sparsevlm_patch  # noqa: E402  (installs the hooks before llava / llavaction are imported)
 from bench_gpu import Ctx as _GpuCtx  # noqa: E402
-from bench_gpu import bench_rounds, build_clip, make_inputs, timed  # noqa: E402
+from bench_gpu import bench_rounds, build_clip, make_inputs, random_llava, timed  # noqa: E402
 
 RETAIN = 64
 PRESET_R64 = [66, 30, 17]  # the default rule's preset for 64 on 576 visual tokens (README)
@@ -163,40 +162,7 @@ def build_family(ctx: Ctx, family: str, clip_dir: str):
                         rms_norm_eps=s["rms_eps"], rope_theta=s["rope_theta"], bos_token_id=1,
                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, use_cache=True,
                         attn_implementation="sdpa", **extra)
-    torch.manual_seed(1)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(ctx.dtype)
-    try:
-        with torch.device(ctx.device):
-            model = model_cls(config)  # random init runs on the GPU: fast
-            model_args = SimpleNamespace(vision_tower=clip_dir, mm_vision_select_layer=-2,
-                                         mm_vision_select_feature="patch", pretrain_mm_mlp_adapter=None,
-                                         mm_patch_merge_type="flat", mm_projector_type="mlp2x_gelu",
-                                         mm_use_im_start_end=False, mm_use_im_patch_token=False,
-                                         add_faster_video=False)  # llavaction's reads this one
-            model.get_model().initialize_vision_modules(model_args)
-    finally:
-        torch.set_default_dtype(previous)
-    c = model.config
-    c.image_aspect_ratio = "pad"
-    c.tokenizer_padding_side = "right"
-    c.tokenizer_model_max_length = 2048
-    c.tune_mm_mlp_adapter = False
-    c.freeze_mm_mlp_adapter = False
-    c.mm_use_im_start_end = False
-    c.mm_projector_lr = None
-    c.mm_use_im_patch_token = False
-    c.image_grid_pinpoints = None
-    model.to(device=ctx.device, dtype=ctx.dtype)
-    model.requires_grad_(False)
-    model.eval()
-    if ctx.tiny:  # random tiny weights give near-uniform attention; sharpen like the tests do
-        with torch.no_grad():
-            for p in model.get_model().layers.parameters():
-                if p.dim() == 2:
-                    p.mul_(10.0)
-    model.generation_config.pad_token_id = 0
-    return model
+    return random_llava(ctx, model_cls, config, clip_dir)
 
 
 # ----------------------------------------------------------------------------- one family

@@ -248,16 +248,23 @@ def build_llava(ctx: Ctx, size: str, clip_dir: str):
                          num_key_value_heads=s["heads"], max_position_embeddings=4096,
                          rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                          tie_word_embeddings=False, use_cache=True)
+    return random_llava(ctx, LlavaLlamaForCausalLM, config, clip_dir)
+
+
+def random_llava(ctx: Ctx, model_cls, config, clip_dir: str):
+    """`model_cls(config)` with random weights on the device, the CLIP tower at `clip_dir` and an
+    mlp2x_gelu projector, configured as upstream's training leaves a LLaVA-1.5 model."""
     torch.manual_seed(1)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(ctx.dtype)
     try:
         with torch.device(ctx.device):
-            model = LlavaLlamaForCausalLM(config)
+            model = model_cls(config)  # random init runs on the GPU: fast
             model_args = SimpleNamespace(vision_tower=clip_dir, mm_vision_select_layer=-2,
                                          mm_vision_select_feature="patch", pretrain_mm_mlp_adapter=None,
                                          mm_patch_merge_type="flat", mm_projector_type="mlp2x_gelu",
-                                         mm_use_im_start_end=False, mm_use_im_patch_token=False)
+                                         mm_use_im_start_end=False, mm_use_im_patch_token=False,
+                                         add_faster_video=False)  # llavaction's builder reads this one
             model.get_model().initialize_vision_modules(model_args)
     finally:
         torch.set_default_dtype(previous)

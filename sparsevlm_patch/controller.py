@@ -109,7 +109,7 @@ def lm_forward(wrapped, instance, args, kwargs):
     use_cache = _flag(a, instance, "use_cache")
     if state.config.cuda_graphs:
         # Also with nothing to prune: the fast path is then dense upstream layers, captured.
-        reason = _fast_prefill_refusal(instance, a, use_cache)
+        reason = _fast_prefill_refusal(instance, state, a, use_cache)
         if reason is None:
             return _fast_prefill(instance, state, layout, plan, a, use_cache)
         fastpath.fallback(reason)
@@ -143,9 +143,9 @@ def _fast_state(state) -> "fastpath.FastState":
     return state.fast
 
 
-def _fast_prefill_refusal(model, a: dict, use_cache: bool):
+def _fast_prefill_refusal(model, state, a: dict, use_cache: bool):
     """Why this prefill can't take the fast path (None: it can)."""
-    reason = fastpath.refusal(model)
+    reason = fastpath.refusal(model, _fast_state(state))
     if reason:
         return reason
     if model.training or torch.is_grad_enabled():

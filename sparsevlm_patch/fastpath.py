@@ -55,11 +55,15 @@ def can_capture(device: torch.device) -> bool:
     return device.type == "cuda" and not torch.is_grad_enabled()
 
 
-def refusal(model) -> Optional[str]:
+def refusal(model, fast: "FastState") -> Optional[str]:
     """Why the fast path can't serve `model` at all (None: it can)."""
     if getattr(model.config, "_attn_implementation", "eager") == "flash_attention_2":
         return "flash_attention_2 unpads with host round-trips, which a captured graph can't hold"
-    if len({p.device for p in model.parameters()}) > 1:
+    first = next(model.parameters())
+    if fast.split_checked != (first.data_ptr(), first.device):  # once per placement of the weights
+        fast.split = len({p.device for p in model.parameters()}) > 1
+        fast.split_checked = (first.data_ptr(), first.device)
+    if fast.split:
         return "the model is split over several devices"
     return None
 
@@ -75,6 +79,8 @@ class FastState:
     last_path: str = ""
     rope_tables: list = field(default_factory=list)  # every RoPE table a graph may read
     weights: tuple = ()
+    split: bool = False  # the model's parameters sit on several devices
+    split_checked: tuple = ()  # the weights' placement `split` was computed for
     # One replay at a time: graphs share one memory pool, and a runner's static inputs and
     # outputs are its own (threads of a model worker take turns; the GPU serialises them anyway).
     lock: threading.RLock = field(default_factory=threading.RLock)

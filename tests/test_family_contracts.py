@@ -8,11 +8,9 @@ from llava.mm_utils import process_images
 
 import sparsevlm_patch
 from sparsevlm_patch.tiny import prompt_ids
-from test_mistral import as_mistral
+from test_mistral import ATOL, QUESTIONS, as_mistral, generate, run
 from test_qwen import as_qwen
 
-ATOL = 2e-5
-QUESTIONS = ("What color is the shape in the top-left?", "How many shapes are in the image? One word.")
 # LLaVA-NeXT's splice zips a batch with `modalities` (its default, ["image"], covers one sample).
 FAMILIES = {"mistral": (as_mistral, {}), "qwen": (as_qwen, {"modalities": ["image", "image"]})}
 
@@ -23,17 +21,6 @@ def family(request, tiny_llava, tiny_images):
     build, batch_kwargs = FAMILIES[request.param]
     pixels = process_images(tiny_images, processor, llama.config)
     return tokenizer, llama, build(llama), pixels, [image.size for image in tiny_images], batch_kwargs
-
-
-def run(model, ids, **kwargs):
-    with torch.inference_mode():
-        return model(ids, **kwargs)
-
-
-def generate(model, ids, pixels, sizes, **kwargs):
-    with torch.inference_mode():
-        return model.generate(ids, images=pixels, image_sizes=sizes, max_new_tokens=5, do_sample=False,
-                              return_dict_in_generate=True, output_scores=True, **kwargs)
 
 
 def padded(tokenizer, side):

@@ -32,11 +32,15 @@ def as_mistral(llama, sliding_window=None, attn="sdpa"):
     state = {k: v for k, v in llama.state_dict().items() if ".vision_tower." not in k}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(".vision_tower." in k for k in missing), (missing, unexpected)
+    copy_rope_tables(model, llama)
+    return model.float().eval()
+
+
+def copy_rope_tables(model, llama) -> None:
+    """Upstream's loader built Llama's RoPE tables in fp16 (then cast): the same values here."""
     for mine, theirs in zip(model.get_model().layers, llama.get_model().layers):
-        # Upstream's loader built Llama's RoPE tables in fp16 (then cast): the same values here.
         mine.self_attn.rotary_emb.cos_cached = theirs.self_attn.rotary_emb.cos_cached.clone()
         mine.self_attn.rotary_emb.sin_cached = theirs.self_attn.rotary_emb.sin_cached.clone()
-    return model.float().eval()
 
 
 @pytest.fixture
@@ -66,9 +70,9 @@ def test_dense_mistral_equals_llama_and_disable_or_remove_is_upstream(pair):
         sparsevlm_patch.apply()
 
 
-def generate(model, ids, pixels, sizes, **kwargs):
+def generate(model, ids, pixels, sizes, new_tokens=5, **kwargs):
     with torch.inference_mode():
-        return model.generate(ids, images=pixels, image_sizes=sizes, max_new_tokens=5, do_sample=False,
+        return model.generate(ids, images=pixels, image_sizes=sizes, max_new_tokens=new_tokens, do_sample=False,
                               return_dict_in_generate=True, output_scores=True, **kwargs)
 
 

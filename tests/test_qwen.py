@@ -27,9 +27,7 @@ from llava.mm_utils import process_images
 
 import sparsevlm_patch
 from sparsevlm_patch.tiny import prompt_ids
-
-ATOL = 2e-5
-QUESTIONS = ("What color is the shape in the top-left?", "How many shapes are in the image? One word.")
+from test_mistral import ATOL, QUESTIONS, copy_rope_tables, generate, run
 
 
 def as_qwen(llama, sliding_window=None, attn="sdpa"):
@@ -46,12 +44,10 @@ def as_qwen(llama, sliding_window=None, attn="sdpa"):
     missing, unexpected = model.load_state_dict(llama.state_dict(), strict=False)
     assert not unexpected and missing and all(k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))
                                               for k in missing), (missing, unexpected)
-    for mine, theirs in zip(model.get_model().layers, llama.get_model().layers):
-        for proj in (mine.self_attn.q_proj, mine.self_attn.k_proj, mine.self_attn.v_proj):
+    for layer in model.get_model().layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
             torch.nn.init.zeros_(proj.bias)
-        # Upstream's loader built Llama's RoPE tables in fp16 (then cast): the same values here.
-        mine.self_attn.rotary_emb.cos_cached = theirs.self_attn.rotary_emb.cos_cached.clone()
-        mine.self_attn.rotary_emb.sin_cached = theirs.self_attn.rotary_emb.sin_cached.clone()
+    copy_rope_tables(model, llama)
     return model.float().eval()
 
 
@@ -60,11 +56,6 @@ def pair(tiny_llava, tiny_images):
     tokenizer, llama, processor = tiny_llava
     pixels = process_images(tiny_images, processor, llama.config)
     return tokenizer, llama, as_qwen(llama), pixels, [image.size for image in tiny_images]
-
-
-def run(model, ids, **kwargs):
-    with torch.inference_mode():
-        return model(ids, **kwargs)
 
 
 def test_qwen_is_a_supported_family(pair):
@@ -120,12 +111,6 @@ def test_the_splice_passes_modalities_and_returns_upstreams_seven_values(pair):
         for got, want in zip(ours, upstream):
             assert (got is None and want is None) or torch.equal(got, want)
     assert outputs[3][2] is None  # no mask given: none returned, as upstream
-
-
-def generate(model, ids, pixels, sizes, new_tokens=5, **kwargs):
-    with torch.inference_mode():
-        return model.generate(ids, images=pixels, image_sizes=sizes, max_new_tokens=new_tokens, do_sample=False,
-                              return_dict_in_generate=True, output_scores=True, **kwargs)
 
 
 def test_the_environment_prunes_a_qwen_never_enabled(tiny_llava, tiny_images, monkeypatch):
