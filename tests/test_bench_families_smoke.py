@@ -5,13 +5,10 @@ prune with the preset counts, time dense vs retain 64 and generate, without erro
 family skipped, so the one-call device run does not fail on code that changed since it was last
 run.
 """
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = {"llama": "LlavaLlamaForCausalLM", "mistral": "LlavaMistralForCausalLM",
@@ -21,8 +18,6 @@ EXPECTED_CHECKS = {"sdpa", "dense_finite", "sparse_finite", "kept_visual_preset_
                    "generate_kept_visual_preset_r64"}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llavaction") is None,
-                    reason="llavaction (LLaVA-NeXT's LlavaQwenForCausalLM) is not installed")
 def test_families_benchmark_runs_on_tiny_shapes(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSEVLM")}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_families.py"), "--tiny",

@@ -58,7 +58,8 @@ def images(tmp_path_factory):
 
 
 def test_make_setup_installs_the_upstream_extra():
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    import tomllib
+
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
         extra = tomllib.load(handle)["project"]["optional-dependencies"]["upstream"]
     makefile = open(os.path.join(ROOT, "Makefile")).read()
