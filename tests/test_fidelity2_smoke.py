@@ -1,0 +1,76 @@
+"""The fidelity study (benchmarks/fidelity2, issue 15) end to end on the CPU with its smoke preset:
+tiny tower, tiny random LM with SmolLM2's tokenizer, every upstream training stage through
+`python -m sparsevlm_patch.train`, every evaluation row. ~40 s."""
+import json
+import os
+import random
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks", "fidelity2"))
+
+import evaluate  # noqa: E402
+import study  # noqa: E402
+import task  # noqa: E402
+
+
+def test_task_questions_are_answerable_and_blind_guessing_is_low(tmp_path):
+    paths = task.build(str(tmp_path), size=112, n_train=300, n_test=60, turns=5, seed=3)
+    with open(paths["test"]) as handle:
+        test = json.load(handle)
+    assert {r["info"]["split"] for r in test} == {"object", "location"}
+    for record in test:
+        scene, info = record["scene"], record["info"]
+        answer = record["conversations"][1]["value"]
+        asked = [scene["objects"][i] for i in info["objects"]]
+        if info["type"] == "count":
+            assert answer == task.COUNTS[len(asked) - 1]
+            assert all(o["shape"] == scene["counted"] for o in asked)
+        else:
+            assert len(asked) == 1 and answer in (asked[0]["color"], asked[0]["shape"])
+        assert task.region_patches(scene, info, 14)
+    blind = task.blind_accuracy(paths["train"], test)
+    assert max(blind.values()) <= 0.40, blind
+
+
+def test_region_patches_cover_the_drawn_object():
+    scene = task.random_scene(random.Random(0), 336)
+    owners = task.patch_labels(scene, 14)
+    for index in range(len(scene["objects"])):
+        region = set(task.region_patches(scene, {"objects": [index]}, 14))
+        drawn = {p for p, o in enumerate(owners) if o == index + 1}
+        assert drawn and drawn <= region
+
+
+def test_scaled_budgets():
+    assert [evaluate.scaled_budget(b, 576) for b in evaluate.PAPER_BUDGETS] == [192, 128, 96, 64]
+    assert [evaluate.scaled_budget(b, 256) for b in evaluate.PAPER_BUDGETS] == [85, 57, 43, 28]
+
+
+def test_smoke_pipeline(tmp_path):
+    out = tmp_path / "out"
+    assert study.main(["--preset", "smoke", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    with open(out / "results.json") as handle:
+        rep = json.load(handle)
+    assert not rep["skipped"] and all("error" not in v for v in rep["phases"].values())
+    rows = {(e["model"], e["rule"], e["retain"]) for e in rep["evaluations"]}
+    low = rep["budgets"][-1]
+    expected = {("finetuned", "dense", None)} | {("finetuned", r, b) for r in evaluate.RULES for b in rep["budgets"]}
+    expected |= {("distill_sparsevlm", "sparsevlm", low), ("distill_sparsevlm_v2", "sparsevlm_v2", low),
+                 ("control", "dense", None), ("control", "sparsevlm", low)}
+    assert expected <= rows
+    for e in rep["evaluations"]:
+        for split in ("object", "location"):
+            assert 0.0 <= e[split]["accuracy"] <= 1.0 and e[split]["n"] == 4
+            if e["rule"] != "dense":
+                assert 0.0 <= e[split]["kept_in_region"] <= 1.0
+                assert e["flops_vs_dense"] < 1.0
+    # Training went through upstream's train.py with the plugin's flags (distillation had a teacher).
+    assert "align_loss_first" in rep["phases"]["distill_sparsevlm"]
+    assert "--token_selection sparsevlm_v2" in rep["phases"]["distill_sparsevlm_v2"]["command"]
+    assert "align_loss_first" not in rep["phases"]["control"]
+    assert set(rep["targets"]) >= {"dense_object_at_least_90", "text_guided_vs_baselines_at_lowest_budget"}
+    for name in ("results.md", "accuracy_vs_tokens.png", "training_logs.txt", "tower/config.json"):
+        assert (out / name).exists(), name
