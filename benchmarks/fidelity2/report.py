@@ -52,7 +52,7 @@ def markdown(report: dict) -> str:
              "location kept_in_region % | FLOPs vs dense |", "|---|---|---|---|---|---|---|---|"]
     lines += [_row(e["model"], e) for e in report.get("evaluations", [])]
     blind = report.get("blind_accuracy", {})
-    lines += ["", f"Image-blind answerer (most frequent training answer per question): "
+    lines += ["", "Image-blind answerer (most frequent training answer per question): "
               + ", ".join(f"{k} {100 * v:.1f}%" for k, v in blind.items()),
               f"Asked objects' share of the image's patches: {report.get('region_share', {})}",
               "", "Targets: `" + json.dumps(targets(report)) + "`"]
