@@ -107,7 +107,8 @@ def pretrain(out_dir: str, scenes: List[dict], *, image_size: int, patch: int, h
     with torch.no_grad():
         _, hits = loss_and_hits(torch.arange(n_held))
     os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
+    # bf16 on a GPU, as LLaVA training runs it: small enough to come back from a device call.
+    model.to(torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32).save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return {"steps": steps, "seconds": round(time.time() - started, 1), "loss_last": round(loss.item(), 4),
             "held_out_patch_accuracy": {k: round(v, 4) for k, v in hits.items()}, "held_out_images": n_held,
