@@ -70,6 +70,10 @@ def test_smoke_pipeline(tmp_path):
     assert "align_loss_first" in rep["phases"]["distill_sparsevlm"]
     assert "--token_selection sparsevlm_v2" in rep["phases"]["distill_sparsevlm_v2"]["command"]
     assert "align_loss_first" not in rep["phases"]["control"]
+    # The attention probe of an untrained LM: no preference for the asked objects (lift ~ 1).
+    lift = rep["phases"]["probe"]["attention_lift_per_layer"]
+    assert set(lift) == {"object", "location"} and len(lift["object"]) == 16
+    assert all(0.8 < v < 1.2 for v in lift["object"] + lift["location"]), lift
     assert set(rep["targets"]) >= {"dense_object_at_least_90", "text_guided_vs_baselines_at_lowest_budget"}
     for name in ("results.md", "accuracy_vs_tokens.png", "training_logs.txt", "tower/config.json"):
         assert (out / name).exists(), name

@@ -123,3 +123,40 @@ class Evaluator:
             if split in regions:
                 result[split]["kept_in_region"], result[split]["kept_in_region_se"] = _mean_se(regions[split])
         return result
+
+
+def attention_probe(loaded, records: List[dict], image_folder: str, patch: int, device: str) -> dict:
+    """Per layer of the dense model, how much of the attention that the text after the image pays
+    to the image lands on the asked objects' patches, over what their share of patches would
+    get by chance (1.0: no preference). This is what SparseVLM's text raters rely on."""
+    import torch
+
+    import sparsevlm_patch
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.mm_utils import process_images
+    from PIL import Image
+
+    tokenizer, model, processor = loaded
+    sparsevlm_patch.disable(model)
+    lifts = {"object": [], "location": []}
+    with torch.inference_mode():
+        for record in records:
+            ids = prompt_ids(tokenizer, record["conversations"][0]["value"].split("\n", 1)[1])[None]
+            mask = ids.ne(tokenizer.pad_token_id)
+            image = Image.open(os.path.join(image_folder, record["image"])).convert("RGB")
+            pixels = process_images([image], processor, model.config).to(device, dtype=model.dtype)
+            out = model(ids.to(device), attention_mask=mask.long().to(device), images=pixels,
+                        image_sizes=[image.size], output_attentions=True)
+            count = (record["scene"]["size"] // patch) ** 2
+            # Upstream's splice drops masked positions (the BOS) and puts the image where its token was.
+            start = int(mask[0, :int((ids[0] == IMAGE_TOKEN_INDEX).nonzero()[0, 0])].sum())
+            region = torch.tensor(task.region_patches(record["scene"], record["info"], patch), device=device) + start
+            chance = len(region) / count
+            per_layer = []
+            for attn in out.attentions:  # (1, heads, L, L)
+                text = attn[0, :, start + count:, :].float()
+                on_image = text[..., start:start + count].sum(-1)
+                per_layer.append(((text[..., region].sum(-1) / on_image.clamp_min(1e-9)).mean() / chance).item())
+            lifts[record["info"]["split"]].append(per_layer)
+    return {split: [round(sum(v[k] for v in rows) / len(rows), 3) for k in range(len(rows[0]))]
+            for split, rows in lifts.items() if rows}

@@ -56,6 +56,10 @@ def markdown(report: dict) -> str:
               + ", ".join(f"{k} {100 * v:.1f}%" for k, v in blind.items()),
               f"Asked objects' share of the image's patches: {report.get('region_share', {})}",
               "", "Targets: `" + json.dumps(targets(report)) + "`"]
+    probe = report.get("phases", {}).get("probe", {}).get("attention_lift_per_layer")
+    if probe:
+        lines += ["", "Attention of the text after the image on the asked objects, over chance, per layer "
+                  "(dense fine-tuned model): " + json.dumps(probe)]
     return "\n".join(lines) + "\n"
 
 

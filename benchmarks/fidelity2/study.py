@@ -8,6 +8,7 @@ Phases, in order, in one process (each training stage is its own `python -m spar
   lm        stages.prepare_lm: SmolLM2-135M-Instruct from its GGUF (--preset smoke: a tiny random LM)
   pretrain, finetune                     upstream's two LLaVA stages
   eval      the fine-tuned model: dense, then every rule at every budget
+  probe     attention of the text after the image on the asked objects, per layer (dense)
   distill_sparsevlm, distill_sparsevlm_v2, control, eval_more
                                          distillation at the lowest budget and its dense control
 Results are written after every phase (results.json / results.md / accuracy_vs_tokens.png under
@@ -63,6 +64,7 @@ class Preset:
     finetune_lr: float = 1e-4
     distill_lr: float = 2e-5
     tower_lr: float = 1e-3
+    probe_questions: int = 48  # per split, for the attention probe
     seed: int = 0
     # Rough seconds per phase, to skip what cannot finish in the call's budget.
     seconds: dict = dataclasses.field(default_factory=dict)
@@ -72,11 +74,11 @@ PRESETS = {
     "full": Preset(device="cuda", image_size=336, patch=14, tower_hidden=256, tower_layers=6, tower_heads=4,
                    tower_steps=1000, tower_batch=64, n_train=6000, n_test=400, turns=5, batch=32, workers=8,
                    pretrain_steps=200, finetune_steps=800, distill_steps=200, eval_batch=100,
-                   seconds={"tower": 50, "lm": 20, "pretrain": 50, "finetune": 150, "eval": 80,
+                   seconds={"tower": 50, "lm": 20, "pretrain": 50, "finetune": 150, "eval": 80, "probe": 15,
                             "distill_sparsevlm": 60, "distill_sparsevlm_v2": 60, "control": 40, "eval_more": 40}),
     "smoke": Preset(device="cpu", image_size=112, patch=14, tower_hidden=32, tower_layers=2, tower_heads=2,
                     tower_steps=10, tower_batch=4, n_train=12, n_test=4, turns=5, batch=2, workers=0,
-                    pretrain_steps=2, finetune_steps=2, distill_steps=1, eval_batch=4),
+                    pretrain_steps=2, finetune_steps=2, distill_steps=1, eval_batch=4, probe_questions=2),
 }
 
 
@@ -190,6 +192,14 @@ def main(argv=None) -> int:
     if "finetuned" in paths:
         phase("eval", lambda: evaluate_models([("finetuned", [(None, None)] + [
             (rule, budget) for budget in rep["budgets"] for rule in evaluate.RULES])]))
+        def probe():
+            loaded = evaluate.load(paths["finetuned"], p.device, dtype)
+            records = evaluator.records[:p.probe_questions] + evaluator.records[-p.probe_questions:]
+            lift = evaluate.attention_probe(loaded, records, paths["image_folder"], p.patch, p.device)
+            log(f"attention lift on the asked objects per layer: {lift}")
+            return {"attention_lift_per_layer": lift, "questions_per_split": p.probe_questions}
+
+        phase("probe", probe)
         for rule in ("sparsevlm", "sparsevlm_v2"):
             phase(f"distill_{rule}", lambda rule=rule: stages.continue_training(
                 p, paths, work, log, f"distill_{rule}", {"selection": rule, "retain": low}))
