@@ -185,6 +185,8 @@ class Ctx(bg.Ctx):
 
     def __init__(self, args):
         super().__init__(args)
+        if args.dtype == "float32":  # tells bf16 rounding apart from a real eager/fast difference
+            self.dtype = torch.float32
         self.results.update({"sections": {}, "skipped": {}, "configs": {}})
         self.n_prompts = args.prompts or (4 if self.tiny else 64)
         # new tokens timed for decode per batch (tiny: enough that decode outweighs the CPU's noise at batch 1)
@@ -957,6 +959,9 @@ def main():
                          "wheel install and imports the device call stays under ~9 minutes)")
     ap.add_argument("--label", default=None, help="code version to record (e.g. the git commit)")
     ap.add_argument("--prompts", type=int, default=None, help="eval-loop prompts (default 64; --tiny 4)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="model dtype on the GPU (float32: the correctness check without bf16 rounding)")
+    ap.add_argument("--correctness-only", action="store_true", help="build and the correctness section only")
     ap.add_argument("--plot-from", default=None, help="only draw bench_fast.png from this bench_fast.json")
     args = ap.parse_args()
     if args.plot_from:
@@ -983,6 +988,10 @@ def main():
         if not hasattr(ctx, "model"):
             raise SystemExit(1)
         section(ctx, "correctness", section_correctness, need_s=60)
+        if args.correctness_only:
+            ctx.save()
+            print(json.dumps({"checks": ctx.results["checks"], "correctness": ctx.results["correctness"]}, default=str)[:6000], flush=True)
+            return
         section(ctx, "bandwidth", section_bandwidth, need_s=10)
         for name, need in zip(CONFIGS, (80, 80, 45, 45)):
             section(ctx, f"config_{name}", section_config, name, need_s=need)
