@@ -77,3 +77,10 @@ def test_smoke_pipeline(tmp_path):
     assert set(rep["targets"]) >= {"dense_object_at_least_90", "text_guided_vs_baselines_at_lowest_budget"}
     for name in ("results.md", "accuracy_vs_tokens.png", "training_logs.txt", "tower/config.json"):
         assert (out / name).exists(), name
+    # A second call on the same --work resumes: every phase is done, the rows are kept.
+    again = tmp_path / "again"
+    assert study.main(["--preset", "smoke", "--out", str(again), "--work", str(tmp_path / "work")]) == 0
+    with open(again / "results.json") as handle:
+        resumed = json.load(handle)
+    assert resumed["evaluations"] == rep["evaluations"] and resumed["phases"] == rep["phases"]
+    assert len(resumed["earlier_calls"]) == 1

@@ -13,11 +13,15 @@ Phases, in order, in one process (each training stage is its own `python -m spar
                                          distillation at the lowest budget and its dense control
 Results are written after every phase (results.json / results.md / accuracy_vs_tokens.png under
 --out, the logs next to them), so a call stopped at its limit keeps what it finished. A phase
-that would not fit in what is left of --budget-s is recorded in "skipped". The next device call
-continues from what this one left in $OUT: `--tower $OUT/tower` skips the tower's pretraining
-(the only stage output small enough to come back; everything after it retrains in a few minutes).
+that would not fit in what is left of --budget-s is recorded in "skipped".
 
-  GPU:  python3 benchmarks/fidelity2/study.py --preset full --out $OUT --budget-s 540
+Chaining device calls: with `--work DIR` the scratch folder stays, with a state.json of what is
+done, and a later call with the same DIR resumes after the finished phases. Checkpoints (270 MB
+each) cannot come back from a device call, so DIR must live on the machine (e.g. /tmp/fidelity2),
+and the next call must come while it is still warm (30 s after the last). Across machines only
+the tower comes back small: `--tower $OUT/tower` skips its pretraining.
+
+  GPU:  python3 benchmarks/fidelity2/study.py --preset full --out $OUT --budget-s 540 [--work /tmp/fidelity2]
   CPU smoke test (tests/test_fidelity2_smoke.py): study.py --preset smoke --out DIR
 """
 from __future__ import annotations
@@ -86,7 +90,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
-    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
+    ap.add_argument("--work", default=None,
+                    help="scratch folder, kept; a later call with the same folder resumes after its finished "
+                         "phases (default: a temporary folder, removed)")
     ap.add_argument("--budget-s", type=float, default=540.0)
     ap.add_argument("--tower", default=None, help="a pretrained tower folder from an earlier call")
     ap.add_argument("--label", default=None, help="code version to record")
@@ -117,8 +123,25 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if p.device == "cuda" else torch.float32
     paths: dict = {}
     evaluator = None
+    state_path = os.path.join(work, "state.json")
+    if os.path.exists(state_path):  # an earlier call on this machine left its work here: resume
+        with open(state_path) as handle:
+            saved = json.load(handle)
+        paths.update(saved.pop("paths"))
+        rep["earlier_calls"] = saved.pop("earlier_calls", []) + [{k: saved.get(k) for k in ("command", "date", "seconds")}]
+        rep.update({k: v for k, v in saved.items() if k in ("phases", "evaluations", "blind_accuracy", "region_share")})
+        rep["phases"] = {k: v for k, v in rep["phases"].items() if "error" not in v}
+
+    def save_state():
+        rep["seconds"] = round(time.time() - started, 1)
+        report_mod.write(args.out, rep)
+        with open(state_path, "w") as handle:
+            json.dump(dict(rep, paths={k: v for k, v in paths.items() if k != "train_scenes"}), handle)
 
     def phase(name, fn):
+        if name in rep["phases"]:
+            log(f"{name}: done in an earlier call")
+            return rep["phases"][name]
         need = p.seconds.get(name, 0)
         if time.time() - started + need > args.budget_s:
             log(f"skip {name}: needs ~{need}s, {args.budget_s - (time.time() - started):.0f}s left")
@@ -130,10 +153,10 @@ def main(argv=None) -> int:
         except Exception as exc:  # recorded; later phases that need it are skipped by their own checks
             log(f"{name} failed: {type(exc).__name__}: {exc}")
             rep["phases"][name] = {"error": f"{type(exc).__name__}: {exc}"[-3000:]}
-            report_mod.write(args.out, rep)
+            save_state()
             return None
         rep["phases"][name] = dict(result or {}, seconds=round(time.time() - t0, 1))
-        report_mod.write(args.out, rep)
+        save_state()
         return result or {}
 
     def data():
@@ -156,11 +179,13 @@ def main(argv=None) -> int:
         if args.tower:
             paths["tower"] = args.tower
             return {"reused": args.tower}
-        paths["tower"] = os.path.join(args.out, "tower")  # small: comes back for the next call
-        return tower.pretrain(paths["tower"], paths["train_scenes"], image_size=p.image_size, patch=p.patch,
-                              hidden=p.tower_hidden, layers=p.tower_layers, heads=p.tower_heads,
-                              steps=p.tower_steps, batch=p.tower_batch, lr=p.tower_lr, seed=p.seed,
-                              device=p.device, workers=max(1, p.workers), log=log)
+        paths["tower"] = os.path.join(work, "tower")
+        result = tower.pretrain(paths["tower"], paths["train_scenes"], image_size=p.image_size, patch=p.patch,
+                                hidden=p.tower_hidden, layers=p.tower_layers, heads=p.tower_heads,
+                                steps=p.tower_steps, batch=p.tower_batch, lr=p.tower_lr, seed=p.seed,
+                                device=p.device, workers=max(1, p.workers), log=log)
+        shutil.copytree(paths["tower"], os.path.join(args.out, "tower"))  # small: comes back from a device call
+        return result
 
     def lm():
         paths["lm"] = os.path.join(work, "lm")
@@ -170,10 +195,12 @@ def main(argv=None) -> int:
         for model_name, rows in plan:
             if model_name not in paths:
                 continue
+            label = "finetuned" if model_name == "finetuned" else model_name
+            rep["evaluations"] = [e for e in rep["evaluations"] if e["model"] != label]  # a rerun replaces
             loaded = evaluate.load(paths[model_name], p.device, dtype)
             for rule, retain in rows:
                 result = evaluator.evaluate(loaded, rule, retain)
-                result["model"] = "finetuned" if model_name == "finetuned" else model_name
+                result["model"] = label
                 rep["evaluations"].append(result)
                 log(f"eval {model_name} {rule} {retain}: "
                     + ", ".join(f"{s} {result[s]['accuracy']:.3f}" for s in task.QUESTION_TYPES if s in result))
@@ -182,6 +209,8 @@ def main(argv=None) -> int:
         return {}
 
     low = rep["budgets"][-1]
+    if "data" in rep["phases"] and "tower" not in rep["phases"]:
+        rep["phases"].pop("data")  # the tower needs the scenes, which are not kept across calls
     for name, fn in (("data", data), ("tower", tower_phase), ("lm", lm),
                      ("pretrain", lambda: stages.pretrain(p, paths, work, log)),
                      ("finetune", lambda: stages.finetune(p, paths, work, log))):
@@ -189,6 +218,10 @@ def main(argv=None) -> int:
             rep["skipped"].append(name)
             continue
         phase(name, fn)
+        if name == "data" and evaluator is None and "test" in paths:
+            with open(paths["test"]) as handle:
+                evaluator = evaluate.Evaluator(json.load(handle), paths["image_folder"], p.patch, p.eval_batch,
+                                               p.device)
     if "finetuned" in paths:
         phase("eval", lambda: evaluate_models([("finetuned", [(None, None)] + [
             (rule, budget) for budget in rep["budgets"] for rule in evaluate.RULES])]))
@@ -207,13 +240,12 @@ def main(argv=None) -> int:
         phase("eval_more", lambda: evaluate_models(
             [(f"distill_{rule}", [(rule, low), (None, None)]) for rule in ("sparsevlm", "sparsevlm_v2")]
             + [("control", [(None, None), ("sparsevlm", low), ("sparsevlm_v2", low)])]))
-    rep["seconds"] = round(time.time() - started, 1)
     if os.path.isdir(os.path.join(work, "logs")):
         with open(os.path.join(args.out, "training_logs.txt"), "w") as out_log:
             for name in sorted(os.listdir(os.path.join(work, "logs"))):
                 with open(os.path.join(work, "logs", name)) as handle:
                     out_log.write(f"===== {name}\n" + handle.read()[-20000:] + "\n")
-    report_mod.write(args.out, rep)
+    save_state()
     print(report_mod.markdown(rep))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
