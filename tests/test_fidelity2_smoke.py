@@ -63,6 +63,7 @@ def test_smoke_pipeline(tmp_path):
     for e in rep["evaluations"]:
         for split in ("object", "location"):
             assert 0.0 <= e[split]["accuracy"] <= 1.0 and e[split]["n"] == 4
+            assert set(e["per_type"]) == {t for types in task.QUESTION_TYPES.values() for t in types}
             if e["rule"] != "dense":
                 assert 0.0 <= e[split]["kept_in_region"] <= 1.0
                 assert e["flops_vs_dense"] < 1.0

@@ -79,7 +79,7 @@ class Evaluator:
             sparsevlm_patch.enable(model, retain_tokens=retain, selection=rule)
         pad = tokenizer.pad_token_id
         started = time.time()
-        hits, regions, flops = {}, {}, [0.0, 0.0]
+        hits, by_type, regions, flops = {}, {}, {}, [0.0, 0.0]
         with torch.inference_mode():
             for start in range(0, len(self.records), self.batch):
                 chunk = self.records[start:start + self.batch]
@@ -105,7 +105,9 @@ class Evaluator:
                     flops[1] += stats["flops"]["dense"]
                 for row, (record, text) in enumerate(zip(chunk, texts)):
                     split = record["info"]["split"]
-                    hits.setdefault(split, []).append(task.normalize(text) == record["conversations"][1]["value"])
+                    hit = task.normalize(text) == record["conversations"][1]["value"]
+                    hits.setdefault(split, []).append(hit)
+                    by_type.setdefault(record["info"]["type"], []).append(hit)
                     if stats:
                         (span_start, count), = stats["image_spans"][row]
                         region = task.region_patches(record["scene"], record["info"], self.patch)
@@ -116,6 +118,7 @@ class Evaluator:
                                "answer": chunk[0]["conversations"][1]["value"], "prediction": texts[0]}
         result = {"rule": rule or "dense", "retain": retain, "seconds": round(time.time() - started, 1),
                   "example": example, "flops_vs_dense": round(flops[0] / flops[1], 4) if flops[1] else 1.0}
+        result["per_type"] = {t: round(sum(v) / len(v), 4) for t, v in by_type.items()}
         for split, values in hits.items():
             acc, _ = _mean_se([float(v) for v in values])
             result[split] = {"accuracy": acc, "se": round(math.sqrt(acc * (1 - acc) / len(values)), 4),

@@ -76,7 +76,7 @@ class Preset:
 
 PRESETS = {
     "full": Preset(device="cuda", image_size=336, patch=14, tower_hidden=256, tower_layers=6, tower_heads=4,
-                   tower_steps=1000, tower_batch=64, n_train=6000, n_test=400, turns=5, batch=32, workers=8,
+                   tower_steps=1000, tower_batch=64, n_train=6000, n_test=400, turns=5, batch=32, workers=12,
                    pretrain_steps=200, finetune_steps=1600, distill_steps=200, eval_batch=100,
                    seconds={"tower": 50, "lm": 20, "pretrain": 60, "finetune": 370, "eval": 60, "probe": 15,
                             "distill_sparsevlm": 60, "distill_sparsevlm_v2": 60, "control": 40, "eval_more": 40}),
