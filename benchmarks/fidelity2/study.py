@@ -225,6 +225,7 @@ def main(argv=None) -> int:
     if "finetuned" in paths:
         phase("eval", lambda: evaluate_models([("finetuned", [(None, None)] + [
             (rule, budget) for budget in rep["budgets"] for rule in evaluate.RULES])]))
+
         def probe():
             loaded = evaluate.load(paths["finetuned"], p.device, dtype)
             records = evaluator.records[:p.probe_questions] + evaluator.records[-p.probe_questions:]
