@@ -71,11 +71,14 @@ def test_smoke_pipeline(tmp_path):
     assert "align_loss_first" in rep["phases"]["distill_sparsevlm"]
     assert "--token_selection sparsevlm_v2" in rep["phases"]["distill_sparsevlm_v2"]["command"]
     assert "align_loss_first" not in rep["phases"]["control"]
+    assert {"eval_distill_sparsevlm", "eval_distill_sparsevlm_v2", "eval_control"} <= set(rep["phases"])
     # The attention probe of an untrained LM: no preference for the asked objects (lift ~ 1).
     lift = rep["phases"]["probe"]["attention_lift_per_layer"]
     assert set(lift) == {"object", "location"} and len(lift["object"]) == 16
     assert all(0.8 < v < 1.2 for v in lift["object"] + lift["location"]), lift
-    assert set(rep["targets"]) >= {"dense_object_at_least_90", "text_guided_vs_baselines_at_lowest_budget"}
+    assert set(rep["targets"]) >= {"dense_object_at_least_90", "text_guided_vs_baselines_at_lowest_budget",
+                                   "distill_sparsevlm_minus_control"}
+    assert rep["targets"]["distill_sparsevlm_minus_control"]["se"] is not None
     for name in ("results.md", "accuracy_vs_tokens.png", "training_logs.txt", "tower/config.json"):
         assert (out / name).exists(), name
     # A second call on the same --work resumes: every phase is done, the rows are kept.
@@ -85,3 +88,10 @@ def test_smoke_pipeline(tmp_path):
         resumed = json.load(handle)
     assert resumed["evaluations"] == rep["evaluations"] and resumed["phases"] == rep["phases"]
     assert len(resumed["earlier_calls"]) == 1
+
+
+def test_read_answer_takes_the_answer_word_a_generation_starts_with():
+    assert task.read_answer("greenfirehose") == "green"
+    assert task.read_answer(" Triangle.\n\nWhat") == "triangle"
+    assert task.read_answer("two") == "two" and task.read_answer("twelve") == ""
+    assert task.read_answer("\n") == ""

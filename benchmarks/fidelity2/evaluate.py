@@ -1,6 +1,7 @@
-"""Evaluation: greedy answers with upstream's `generate` on the held-out questions, exact match on
-the first word, per split; for pruned rows, the share of the asked objects' patches whose tokens
-reach the last layer (`kept_in_region`). Rules and budgets are switched only through the public
+"""Evaluation: greedy answers with upstream's `generate` on the held-out questions, scored on the
+answer word they start with (`task.read_answer`), per split; for pruned rows, the share of the
+patches of the asked objects' bounding boxes whose tokens reach the last layer (`kept_in_region`;
+SparseVLM's recycled, merged tokens are not counted). Rules and budgets are switched only through the public
 API: `sparsevlm_patch.enable(model, retain_tokens=, selection=)` / `disable(model)`."""
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ def scaled_budget(budget: int, visual_tokens: int) -> int:
 
 def load(path: str, device: str, dtype):
     """Upstream's model class from a training output folder, its tower in the same dtype."""
-    import torch
     import transformers
     from transformers import AutoTokenizer
 
@@ -36,7 +36,6 @@ def load(path: str, device: str, dtype):
     tower.to(device=device, dtype=dtype)
     model.eval()
     model.config.tokenizer_padding_side = "left"  # batched generation
-    torch.manual_seed(0)
     return tokenizer, model, tower.image_processor
 
 
@@ -105,13 +104,19 @@ class Evaluator:
                     flops[1] += stats["flops"]["dense"]
                 for row, (record, text) in enumerate(zip(chunk, texts)):
                     split = record["info"]["split"]
-                    hit = task.normalize(text) == record["conversations"][1]["value"]
+                    hit = task.read_answer(text) == record["conversations"][1]["value"]
                     hits.setdefault(split, []).append(hit)
                     by_type.setdefault(record["info"]["type"], []).append(hit)
                     if stats:
                         (span_start, count), = stats["image_spans"][row]
                         region = task.region_patches(record["scene"], record["info"], self.patch)
                         reached = kept[row, span_start:span_start + count]
+                        # The keep mask and the spans must line up: every token the last stage
+                        # kept lies in the image span (SparseVLM's merged tokens are not in the mask).
+                        kept_last = stats["kept_visual"][row][-1]
+                        if int(reached.sum()) > kept_last or (rule != "sparsevlm" and int(reached.sum()) != kept_last):
+                            raise AssertionError(f"{rule} {retain}: {int(reached.sum())} kept tokens in the image "
+                                                 f"span, {kept_last} kept at the last stage")
                         regions.setdefault(split, []).append(sum(bool(reached[i]) for i in region) / len(region))
                 if start == 0:
                     example = {"question": chunk[0]["conversations"][0]["value"].split("\n", 1)[1],
@@ -120,9 +125,9 @@ class Evaluator:
                   "example": example, "flops_vs_dense": round(flops[0] / flops[1], 4) if flops[1] else 1.0}
         result["per_type"] = {t: round(sum(v) / len(v), 4) for t, v in by_type.items()}
         for split, values in hits.items():
-            acc, _ = _mean_se([float(v) for v in values])
-            result[split] = {"accuracy": acc, "se": round(math.sqrt(acc * (1 - acc) / len(values)), 4),
-                             "n": len(values)}
+            acc, se = _mean_se([float(v) for v in values])
+            # Per question, in the records' order: paired differences between rows need them.
+            result[split] = {"accuracy": acc, "se": se, "n": len(values), "hits": "".join("01"[v] for v in values)}
             if split in regions:
                 result[split]["kept_in_region"], result[split]["kept_in_region_se"] = _mean_se(regions[split])
         return result

@@ -3,6 +3,7 @@ against visual tokens for each rule."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from evaluate import RULES
@@ -20,8 +21,20 @@ def _row(name: str, r: dict) -> str:
             f"{_cell(r.get('location'), 'kept_in_region')} | {r['flops_vs_dense']:.3f} |")
 
 
+def paired_difference(a: dict, b: dict) -> dict:
+    """Accuracy of row `a` minus row `b` on the same questions, with the standard error of the
+    per-question differences (None without per-question hits, as in run 1's JSON)."""
+    out = {"difference": round(a["accuracy"] - b["accuracy"], 4), "se": None}
+    if a.get("hits") and b.get("hits") and len(a["hits"]) == len(b["hits"]):
+        d = [int(x) - int(y) for x, y in zip(a["hits"], b["hits"])]
+        mean = sum(d) / len(d)
+        out["se"] = round(math.sqrt(sum((v - mean) ** 2 for v in d) / max(1, len(d) - 1) / len(d)), 4)
+    return out
+
+
 def targets(report: dict) -> dict:
-    """The issue's targets, judged on what ran (None: its rows did not run)."""
+    """The issue's targets, judged on what ran (None: its rows did not run). Differences carry
+    their paired standard error; "clearly" means by more than two of them."""
     rows = {(e["model"], e["rule"], e["retain"]): e for e in report.get("evaluations", [])}
     low = report.get("budgets", [None])[-1]
     dense = rows.get(("finetuned", "dense", None))
@@ -33,7 +46,7 @@ def targets(report: dict) -> dict:
             other = rows.get(("finetuned", base, low))
             if mine and other:
                 text_guided[f"{rule}_minus_{base}"] = {
-                    s: round(mine[s]["accuracy"] - other[s]["accuracy"], 4) for s in ("object", "location")}
+                    s: paired_difference(mine[s], other[s]) for s in ("object", "location")}
     out["text_guided_vs_baselines_at_lowest_budget"] = text_guided
     for rule in ("sparsevlm", "sparsevlm_v2"):
         student = rows.get((f"distill_{rule}", rule, low))
@@ -43,7 +56,11 @@ def targets(report: dict) -> dict:
             out[f"distill_{rule}_share_of_dense"] = round(share, 4)
             out[f"distill_{rule}_at_least_95pct"] = share >= 0.95
         if student and control:
-            out[f"distill_{rule}_above_control"] = student["object"]["accuracy"] > control["object"]["accuracy"]
+            diff = paired_difference(student["object"], control["object"])
+            out[f"distill_{rule}_minus_control"] = diff
+            out[f"distill_{rule}_above_control"] = diff["difference"] > 0
+            out[f"distill_{rule}_clearly_above_control"] = (
+                None if diff["se"] is None else diff["difference"] > 2 * diff["se"])
     return out
 
 

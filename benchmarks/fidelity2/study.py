@@ -9,8 +9,8 @@ Phases, in order, in one process (each training stage is its own `python -m spar
   pretrain, finetune                     upstream's two LLaVA stages
   eval      the fine-tuned model: dense, then every rule at every budget
   probe     attention of the text after the image on the asked objects, per layer (dense)
-  distill_sparsevlm, distill_sparsevlm_v2, control, eval_more
-                                         distillation at the lowest budget and its dense control
+  distill_sparsevlm, distill_sparsevlm_v2, control   distillation at the lowest budget, its dense control
+  eval_distill_sparsevlm, eval_distill_sparsevlm_v2, eval_control   their evaluations
 Results are written after every phase (results.json / results.md / accuracy_vs_tokens.png under
 --out, the logs next to them), so a call stopped at its limit keeps what it finished. A phase
 that would not fit in what is left of --budget-s is recorded in "skipped".
@@ -79,7 +79,8 @@ PRESETS = {
                    tower_steps=1000, tower_batch=64, n_train=6000, n_test=400, turns=5, batch=32, workers=12,
                    pretrain_steps=200, finetune_steps=1600, distill_steps=200, eval_batch=100,
                    seconds={"tower": 50, "lm": 20, "pretrain": 60, "finetune": 370, "eval": 60, "probe": 15,
-                            "distill_sparsevlm": 60, "distill_sparsevlm_v2": 60, "control": 40, "eval_more": 40}),
+                            "distill_sparsevlm": 70, "distill_sparsevlm_v2": 65, "control": 60,
+                            "eval_distill_sparsevlm": 12, "eval_distill_sparsevlm_v2": 12, "eval_control": 15}),
     "smoke": Preset(device="cpu", image_size=112, patch=14, tower_hidden=32, tower_layers=2, tower_heads=2,
                     tower_steps=10, tower_batch=4, n_train=12, n_test=4, turns=5, batch=2, workers=0,
                     pretrain_steps=2, finetune_steps=2, distill_steps=1, eval_batch=4, probe_questions=2),
@@ -184,7 +185,8 @@ def main(argv=None) -> int:
                                 hidden=p.tower_hidden, layers=p.tower_layers, heads=p.tower_heads,
                                 steps=p.tower_steps, batch=p.tower_batch, lr=p.tower_lr, seed=p.seed,
                                 device=p.device, workers=max(1, p.workers), log=log)
-        shutil.copytree(paths["tower"], os.path.join(args.out, "tower"))  # small: comes back from a device call
+        # Small: comes back from a device call.
+        shutil.copytree(paths["tower"], os.path.join(args.out, "tower"), dirs_exist_ok=True)
         return result
 
     def lm():
@@ -195,12 +197,11 @@ def main(argv=None) -> int:
         for model_name, rows in plan:
             if model_name not in paths:
                 continue
-            label = "finetuned" if model_name == "finetuned" else model_name
-            rep["evaluations"] = [e for e in rep["evaluations"] if e["model"] != label]  # a rerun replaces
+            rep["evaluations"] = [e for e in rep["evaluations"] if e["model"] != model_name]  # a rerun replaces
             loaded = evaluate.load(paths[model_name], p.device, dtype)
             for rule, retain in rows:
                 result = evaluator.evaluate(loaded, rule, retain)
-                result["model"] = label
+                result["model"] = model_name
                 rep["evaluations"].append(result)
                 log(f"eval {model_name} {rule} {retain}: "
                     + ", ".join(f"{s} {result[s]['accuracy']:.3f}" for s in task.QUESTION_TYPES if s in result))
@@ -238,9 +239,17 @@ def main(argv=None) -> int:
             phase(f"distill_{rule}", lambda rule=rule: stages.continue_training(
                 p, paths, work, log, f"distill_{rule}", {"selection": rule, "retain": low}))
         phase("control", lambda: stages.continue_training(p, paths, work, log, "control", None))
-        phase("eval_more", lambda: evaluate_models(
-            [(f"distill_{rule}", [(rule, low), (None, None)]) for rule in ("sparsevlm", "sparsevlm_v2")]
-            + [("control", [(None, None), ("sparsevlm", low), ("sparsevlm_v2", low)])]))
+        # One evaluation phase per trained model, so that a resumed call evaluates a model that an
+        # earlier call trained after its evaluation slot was skipped.
+        plans = {f"distill_{rule}": [(rule, low), (None, None)] for rule in ("sparsevlm", "sparsevlm_v2")}
+        plans["control"] = [(None, None), ("sparsevlm", low), ("sparsevlm_v2", low)]
+        for model_name, rows in plans.items():
+            if model_name in paths:
+                phase(f"eval_{model_name}", lambda m=model_name, r=rows: evaluate_models([(m, r)]))
+            else:
+                rep["skipped"].append(f"eval_{model_name}")
+    else:
+        rep["skipped"].append("everything after fine-tuning (no fine-tuned model)")
     if os.path.isdir(os.path.join(work, "logs")):
         with open(os.path.join(args.out, "training_logs.txt"), "w") as out_log:
             for name in sorted(os.listdir(os.path.join(work, "logs"))):

@@ -111,7 +111,8 @@ def patch_labels(scene: dict, patch: int) -> np.ndarray:
 
 
 def region_patches(scene: dict, info: dict, patch: int) -> List[int]:
-    """Patches (row-major) that overlap the bounding box of an object the question is about."""
+    """Patches (row-major) that overlap the bounding box of an object the question is about
+    (a box, so for a star or a triangle it includes some background)."""
     grid = scene["size"] // patch
     out = set()
     for index in info["objects"]:
@@ -144,9 +145,16 @@ def caption(scene: dict) -> str:
                      for o in sorted(scene["objects"], key=lambda o: o["cell"])) + "."
 
 
-def normalize(text: str) -> str:
-    words = text.strip().lower().replace(".", " ").split()
-    return words[0] if words else ""
+ANSWERS = tuple(COLORS) + SHAPES + COUNTS
+
+
+def read_answer(text: str) -> str:
+    """The answer word a generation starts with ("" if none). The model is never trained to stop
+    (upstream's `chatml_direct` masking never makes the closing `<|im_end|>` a target), so an
+    answer may run on into other text, even without a space ("greenfirehose"): the longest
+    answer word that the output starts with is the answer."""
+    head = text.strip().lower()
+    return max((a for a in ANSWERS if head.startswith(a)), key=len, default="")
 
 
 def _render(job):

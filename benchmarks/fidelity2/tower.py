@@ -10,6 +10,7 @@ language model needs from the tower. After this stage the tower is frozen, as up
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -74,7 +75,8 @@ def pretrain(out_dir: str, scenes: List[dict], *, image_size: int, patch: int, h
     std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
     n_held = max(2, len(scenes) // 20)  # the first images are held out
     gen = torch.Generator().manual_seed(seed)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else _null()
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
+           else contextlib.nullcontext())
 
     def loss_and_hits(rows):
         rows = rows.to(images.device)
@@ -113,11 +115,3 @@ def pretrain(out_dir: str, scenes: List[dict], *, image_size: int, patch: int, h
     return {"steps": steps, "seconds": round(time.time() - started, 1), "loss_last": round(loss.item(), 4),
             "held_out_patch_accuracy": {k: round(v, 4) for k, v in hits.items()}, "held_out_images": n_held,
             "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
