@@ -6,7 +6,8 @@ the renderer rather than contrastively: each patch feature of the layer LLaVA re
 (`mm_vision_select_layer -2`) must tell, through linear heads, the color and the shape of the
 object covering that patch (or background). Caption contrast teaches a global summary; LLaVA
 reads patches, and the questions ask about single objects, so per-patch labels are what the
-language model needs from the tower. After this stage the tower is frozen, as upstream freezes it.
+language model needs from the tower. A third head asks each patch for its grid cell: location
+questions name a cell, and the LM otherwise has only the tokens' raster order to find it by. After this stage the tower is frozen, as upstream freezes it.
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def pretrain(out_dir: str, scenes: List[dict], *, image_size: int, patch: int, h
     model, processor = build(image_size, patch, hidden, layers, heads, seed)
     model.to(device).train()
     heads_ = torch.nn.ModuleDict({"color": torch.nn.Linear(hidden, len(task.COLORS) + 1),
-                                  "shape": torch.nn.Linear(hidden, len(task.SHAPES) + 1)}).to(device)
+                                  "shape": torch.nn.Linear(hidden, len(task.SHAPES) + 1),
+                                  "cell": torch.nn.Linear(hidden, len(task.CELLS))}).to(device)
     params = list(model.parameters()) + list(heads_.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -73,6 +75,9 @@ def pretrain(out_dir: str, scenes: List[dict], *, image_size: int, patch: int, h
     images, colors, shapes = _tensors(scenes, patch, device, workers)
     mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
+    grid = image_size // patch
+    index = torch.arange(grid, device=device) * 3 // grid
+    cells = (index[:, None] * 3 + index[None, :]).flatten()  # each patch's grid cell, row-major
     n_held = max(2, len(scenes) // 20)  # the first images are held out
     gen = torch.Generator().manual_seed(seed)
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
@@ -82,17 +87,18 @@ def pretrain(out_dir: str, scenes: List[dict], *, image_size: int, patch: int, h
         rows = rows.to(images.device)
         # As the processor normalizes (the images are already at its size).
         pixels = (images[rows].permute(0, 3, 1, 2).float() / 255.0 - mean) / std
-        color, shape = colors[rows], shapes[rows]
+        color, shape, cell = colors[rows], shapes[rows], cells.expand(len(rows), -1)
         with amp:
             feats = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         losses, hits = 0.0, {}
-        for name, target in (("color", color), ("shape", shape)):
+        for name, target in (("color", color), ("shape", shape), ("cell", cell)):
             logits = heads_[name](feats.float())
             # Object patches are ~10 % of the image: weight them up so background does not dominate.
             weight = torch.ones(logits.shape[-1], device=device)
-            weight[1:] = 5.0
+            if name != "cell":
+                weight[1:] = 5.0
             losses = losses + F.cross_entropy(logits.flatten(0, 1), target.flatten(), weight=weight)
-            on = target > 0
+            on = target > 0 if name != "cell" else torch.ones_like(target, dtype=torch.bool)
             hits[name] = (logits.argmax(-1)[on] == target[on]).float().mean().item()
         return losses, hits
 
