@@ -87,6 +87,29 @@ PRESETS = {
 }
 
 
+def resume(state_path: str, rep: dict, paths: dict) -> None:
+    """Take over what an earlier call on this machine finished (its phases without an error, its
+    evaluations, its paths), if it left a state file."""
+    if not os.path.exists(state_path):
+        return
+    with open(state_path) as handle:
+        saved = json.load(handle)
+    paths.update(saved.pop("paths"))
+    rep["earlier_calls"] = saved.pop("earlier_calls", []) + [{k: saved.get(k) for k in ("command", "date", "seconds")}]
+    rep.update({k: v for k, v in saved.items() if k in ("phases", "evaluations", "blind_accuracy", "region_share")})
+    rep["phases"] = {k: v for k, v in rep["phases"].items() if "error" not in v}
+
+
+def collect_logs(folder: str, path: str) -> None:
+    """The end of every training stage's log, in one file (the logs stay on the device machine)."""
+    if not os.path.isdir(folder):
+        return
+    with open(path, "w") as out_log:
+        for name in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, name)) as handle:
+                out_log.write(f"===== {name}\n" + handle.read()[-20000:] + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
@@ -125,13 +148,7 @@ def main(argv=None) -> int:
     paths: dict = {}
     evaluator = None
     state_path = os.path.join(work, "state.json")
-    if os.path.exists(state_path):  # an earlier call on this machine left its work here: resume
-        with open(state_path) as handle:
-            saved = json.load(handle)
-        paths.update(saved.pop("paths"))
-        rep["earlier_calls"] = saved.pop("earlier_calls", []) + [{k: saved.get(k) for k in ("command", "date", "seconds")}]
-        rep.update({k: v for k, v in saved.items() if k in ("phases", "evaluations", "blind_accuracy", "region_share")})
-        rep["phases"] = {k: v for k, v in rep["phases"].items() if "error" not in v}
+    resume(state_path, rep, paths)
 
     def save_state():
         rep["seconds"] = round(time.time() - started, 1)
@@ -250,11 +267,7 @@ def main(argv=None) -> int:
                 rep["skipped"].append(f"eval_{model_name}")
     else:
         rep["skipped"].append("everything after fine-tuning (no fine-tuned model)")
-    if os.path.isdir(os.path.join(work, "logs")):
-        with open(os.path.join(args.out, "training_logs.txt"), "w") as out_log:
-            for name in sorted(os.listdir(os.path.join(work, "logs"))):
-                with open(os.path.join(work, "logs", name)) as handle:
-                    out_log.write(f"===== {name}\n" + handle.read()[-20000:] + "\n")
+    collect_logs(os.path.join(work, "logs"), os.path.join(args.out, "training_logs.txt"))
     save_state()
     print(report_mod.markdown(rep))
     if not args.work:
