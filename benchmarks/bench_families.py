@@ -79,7 +79,7 @@ import torch  # noqa: E402
 
 import sparsevlm_patch  # noqa: E402  (installs the hooks before llava / llavaction are imported)
 from bench_gpu import Ctx as _GpuCtx  # noqa: E402
-from bench_gpu import bench_rounds, build_clip, make_inputs, random_llava, timed  # noqa: E402
+from bench_gpu import bench_rounds, build_clip, checks_footer, make_inputs, random_llava, timed  # noqa: E402
 
 RETAIN = 64
 PRESET_R64 = [66, 30, 17]  # the default rule's preset for 64 on 576 visual tokens (README)
@@ -362,10 +362,7 @@ def table(ctx: Ctx) -> str:
             f"{fmt(pre.get('sparse_ms'), '.2f')} | {fmt(pre.get('speedup'), '.2f', 'x')} | "
             f"{fmt(pre.get('speedup_over_llama'), '.3f')} | {fmt(res.get('flops_ratio'), '.2f', 'x')} | "
             f"{res.get('kept_visual', 'n/a')} | {generated} | {ok}/{len(res['checks'])} |")
-    failed = [k for k, v in r["checks"].items() if not v]
-    lines += ["", f"Checks: {sum(bool(v) for v in r['checks'].values())}/{len(r['checks'])} passed"
-              + (f"; FAILED: {failed}" if failed else ""),
-              f"Errors: {len(r['errors'])}; skipped: {r['skipped']}; total {ctx.elapsed():.0f} s"]
+    lines += checks_footer(ctx, r["skipped"])
     return "\n".join(lines)
 
 

@@ -943,10 +943,7 @@ def table(ctx: Ctx) -> str:
             lines.append(f"| {name} | {run.get('returncode', run.get('status'))} | {fm(run.get('wall_s'))} | "
                          f"{tq.get('loop_elapsed_s', 'n/a')} | {fm(None if steady is None else steady * 1e3)} | "
                          f"{run.get('answer_lines')} | {run.get('kept')} |")
-    failed = [k for k, v in r["checks"].items() if not v]
-    lines += ["", f"Checks: {sum(bool(v) for v in r['checks'].values())}/{len(r['checks'])} passed"
-              + (f"; FAILED: {failed}" if failed else ""),
-              f"Errors: {len(r['errors'])}; skipped: {r.get('skipped', {})}; total {ctx.elapsed():.0f} s"]
+    lines += bg.checks_footer(ctx, r.get("skipped", {}))
     return "\n".join(lines)
 
 

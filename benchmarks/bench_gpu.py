@@ -1242,11 +1242,17 @@ def table(ctx: Ctx) -> str:
             lines.append(f"| {name} | {e['step_ms']:.1f} | {e['over_dense']:.2f} | {peak} |")
     elif d:
         lines += ["", f"Distillation step: {d['status']} ({d['note']})"]
-    failed = [k for k, v in r["checks"].items() if not v]
-    lines += ["", f"Checks: {sum(bool(v) for v in r['checks'].values())}/{len(r['checks'])} passed"
-              + (f"; FAILED: {failed}" if failed else ""),
-              f"Errors: {len(r['errors'])}; skipped: {r.get('skipped', [])}; total {ctx.elapsed():.0f} s"]
+    lines += checks_footer(ctx, r.get("skipped", []))
     return "\n".join(lines)
+
+
+def checks_footer(ctx, skipped) -> list:
+    """The last lines of a benchmark's table: checks passed and failed, errors, skips, time."""
+    r = ctx.results
+    failed = [k for k, v in r["checks"].items() if not v]
+    return ["", f"Checks: {sum(bool(v) for v in r['checks'].values())}/{len(r['checks'])} passed"
+            + (f"; FAILED: {failed}" if failed else ""),
+            f"Errors: {len(r['errors'])}; skipped: {skipped}; total {ctx.elapsed():.0f} s"]
 
 
 def main():

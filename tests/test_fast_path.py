@@ -53,11 +53,15 @@ def assert_same_generation(dynamic, fast):
         assert torch.allclose(a, b, atol=ATOL, rtol=0), (a - b).abs().max()
 
 
+def one_prompt(tiny_llava, tiny_images):
+    """The model, the first question's ids (batch 1) and its image's pixels."""
+    tokenizer, model, processor = tiny_llava
+    return model, prompt_ids(tokenizer, QUESTIONS[0])[None], process_images(tiny_images[:1], processor, model.config)
+
+
 @pytest.mark.parametrize("selection", ["sparsevlm", "sparsevlm_v2"])
 def test_generate_batch_1_equals_the_dynamic_path(tiny_llava, tiny_images, selection):
-    tokenizer, model, processor = tiny_llava
-    ids = prompt_ids(tokenizer, QUESTIONS[0])[None]
-    pixels = process_images(tiny_images[:1], processor, model.config)
+    model, ids, pixels = one_prompt(tiny_llava, tiny_images)
     (dyn, dyn_keep, dyn_stats), (fast, fast_keep, fast_stats) = both_paths(
         model, lambda: generate(model, ids, pixels, [tiny_images[0].size]), retain_tokens=64, selection=selection)
     assert_same_generation(dyn, fast)
@@ -112,9 +116,7 @@ def test_sampling_runs_on_the_static_cache_with_the_preset_counts(tiny_llava, ti
 
 
 def test_a_finished_generations_static_cache_is_refused_clearly(tiny_llava, tiny_images):
-    tokenizer, model, processor = tiny_llava
-    ids = prompt_ids(tokenizer, QUESTIONS[0])[None]
-    pixels = process_images(tiny_images[:1], processor, model.config)
+    model, ids, pixels = one_prompt(tiny_llava, tiny_images)
     sparsevlm_patch.enable(model, retain_tokens=64, cuda_graphs=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -149,9 +151,7 @@ def test_a_forward_outside_generate_returns_a_cache_it_owns(tiny_llava, tiny_ima
 
 
 def test_beam_search_falls_back_with_a_warning_and_equals_the_dynamic_path(tiny_llava, tiny_images):
-    tokenizer, model, processor = tiny_llava
-    ids = prompt_ids(tokenizer, QUESTIONS[0])[None]
-    pixels = process_images(tiny_images[:1], processor, model.config)
+    model, ids, pixels = one_prompt(tiny_llava, tiny_images)
     (dyn, _, _), (fast, _, _) = both_paths(
         model, lambda: generate(model, ids, pixels, [tiny_images[0].size], num_beams=2), retain_tokens=64)
     assert torch.equal(dyn.sequences, fast.sequences)
@@ -162,9 +162,7 @@ def test_beam_search_falls_back_with_a_warning_and_equals_the_dynamic_path(tiny_
 
 
 def test_training_takes_the_dynamic_path(tiny_llava, tiny_images):
-    tokenizer, model, processor = tiny_llava
-    ids = prompt_ids(tokenizer, QUESTIONS[0])[None]
-    pixels = process_images(tiny_images[:1], processor, model.config)
+    model, ids, pixels = one_prompt(tiny_llava, tiny_images)
     sparsevlm_patch.enable(model, retain_tokens=64, cuda_graphs=True)
     sparsevlm_patch.fastpath._warned.clear()
     with pytest.warns(UserWarning, match="gradients enabled"):
@@ -176,9 +174,7 @@ def test_training_takes_the_dynamic_path(tiny_llava, tiny_images):
 def test_nothing_pruned_runs_dense_on_the_fast_path(tiny_llava, tiny_images):
     """A budget covering every visual token with cuda_graphs: dense layers on the fixed-shape
     path (what 'dense with the same capture' measures), equal to upstream."""
-    tokenizer, model, processor = tiny_llava
-    ids = prompt_ids(tokenizer, QUESTIONS[0])[None]
-    pixels = process_images(tiny_images[:1], processor, model.config)
+    model, ids, pixels = one_prompt(tiny_llava, tiny_images)
     sparsevlm_patch.disable(model)
     upstream = generate(model, ids, pixels, [tiny_images[0].size])
     sparsevlm_patch.enable(model, keep_schedule=(576, 576, 576), cuda_graphs=True)
@@ -194,9 +190,7 @@ def test_nothing_pruned_runs_dense_on_the_fast_path(tiny_llava, tiny_images):
 def test_static_buffers_serve_inference_mode_and_no_grad_alike(tiny_llava, tiny_images):
     """Upstream's eval scripts run under inference_mode, its chat under no_grad: buffers made
     under one are written in place under the other."""
-    tokenizer, model, processor = tiny_llava
-    ids = prompt_ids(tokenizer, QUESTIONS[0])[None]
-    pixels = process_images(tiny_images[:1], processor, model.config)
+    model, ids, pixels = one_prompt(tiny_llava, tiny_images)
     sparsevlm_patch.enable(model, retain_tokens=64, cuda_graphs=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

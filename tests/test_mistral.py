@@ -129,16 +129,12 @@ def test_flash_attention_with_a_window_shorter_than_the_prompt_is_refused(tiny_l
     assert sliding_window(model.get_model(), 40) is None  # within the window: nothing to apply by slot
 
 
-def test_distillation_with_a_mistral_student_and_its_upstream_teacher(pair, tmp_path):
-    """One training step through upstream's LLaVATrainer: the student prunes, the teacher is
-    loaded with the student's class from the checkpoint (as upstream loads it), dense."""
+def training_steps(model, tokenizer, pixels, tmp_path, **flags):
+    """Two steps of upstream's LLaVATrainer (retain 64) on one question and answer; returns the
+    trainer and its loss logs. Shared by the family tests."""
     from llava.train import train as llava_train
     from llava.train.llava_trainer import LLaVATrainer
 
-    tokenizer, _, mistral, pixels, sizes = pair
-    folder = str(tmp_path / "tiny-llava-mistral")
-    mistral.save_pretrained(folder, state_dict={k: v for k, v in mistral.state_dict().items()
-                                                if ".vision_tower." not in k})
     ids = prompt_ids(tokenizer, QUESTIONS[0])
     answer = tokenizer("Red.", add_special_tokens=False, return_tensors="pt").input_ids[0]
     input_ids = torch.cat([ids, answer])
@@ -148,11 +144,21 @@ def test_distillation_with_a_mistral_student_and_its_upstream_teacher(pair, tmp_
     args = llava_train.TrainingArguments(
         output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", max_steps=2, logging_steps=1,
         per_device_train_batch_size=2, learning_rate=1e-3, save_strategy="no", retain_tokens="64",
-        teacher_model_name_or_path=folder, remove_unused_columns=False)
-    mistral.train()
-    trainer = LLaVATrainer(model=mistral, args=args, train_dataset=[sample] * 4, data_collator=collate)
+        remove_unused_columns=False, **flags)
+    model.train()
+    trainer = LLaVATrainer(model=model, args=args, train_dataset=[sample] * 4, data_collator=collate)
     trainer.train()
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return trainer, [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_distillation_with_a_mistral_student_and_its_upstream_teacher(pair, tmp_path):
+    """One training step through upstream's LLaVATrainer: the student prunes, the teacher is
+    loaded with the student's class from the checkpoint (as upstream loads it), dense."""
+    tokenizer, _, mistral, pixels, sizes = pair
+    folder = str(tmp_path / "tiny-llava-mistral")
+    mistral.save_pretrained(folder, state_dict={k: v for k, v in mistral.state_dict().items()
+                                                if ".vision_tower." not in k})
+    trainer, logs = training_steps(mistral, tokenizer, pixels, tmp_path, teacher_model_name_or_path=folder)
     assert len(logs) == 2
     for entry in logs:
         assert (entry["kept_visual_l2"], entry["kept_visual_l6"], entry["kept_visual_l15"]) == (66, 30, 17)

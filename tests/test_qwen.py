@@ -27,7 +27,7 @@ from llava.mm_utils import process_images
 
 import sparsevlm_patch
 from sparsevlm_patch.tiny import prompt_ids
-from test_mistral import ATOL, QUESTIONS, copy_rope_tables, generate, run
+from test_mistral import ATOL, QUESTIONS, copy_rope_tables, generate, run, training_steps
 
 
 def as_qwen(llama, sliding_window=None, attn="sdpa"):
@@ -149,31 +149,11 @@ def test_the_eager_sliding_window_is_applied_as_upstream_applies_it(tiny_llava, 
         assert torch.allclose(got, want, atol=ATOL, rtol=0)
 
 
-def _training_step(qwen, tokenizer, pixels, tmp_path, **flags):
-    from llava.train import train as llava_train
-    from llava.train.llava_trainer import LLaVATrainer
-
-    ids = prompt_ids(tokenizer, QUESTIONS[0])
-    answer = tokenizer("Red.", add_special_tokens=False, return_tensors="pt").input_ids[0]
-    input_ids = torch.cat([ids, answer])
-    labels = torch.cat([torch.full_like(ids, -100), answer])
-    sample = dict(input_ids=input_ids, labels=labels, attention_mask=torch.ones_like(input_ids), images=pixels[0])
-    collate = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
-    args = llava_train.TrainingArguments(
-        output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", max_steps=2, logging_steps=1,
-        per_device_train_batch_size=2, learning_rate=1e-3, save_strategy="no", retain_tokens="64",
-        remove_unused_columns=False, **flags)
-    qwen.train()
-    trainer = LLaVATrainer(model=qwen, args=args, train_dataset=[sample] * 4, data_collator=collate)
-    trainer.train()
-    return trainer, [entry for entry in trainer.state.log_history if "loss" in entry]
-
-
 def test_a_sparse_qwen_student_trains_through_upstreams_trainer(pair, tmp_path):
     """Two steps through llava-torch's LLaVATrainer, no teacher: the student prunes in every step
     and its LM loss comes from LLaVA-NeXT's own forward, on the labels the splice relaid."""
     tokenizer, _, qwen, pixels, _ = pair
-    _, logs = _training_step(qwen, tokenizer, pixels, tmp_path, align_loss_weight=0.0)
+    _, logs = training_steps(qwen, tokenizer, pixels, tmp_path, align_loss_weight=0.0)
     assert len(logs) == 2
     for entry in logs:
         assert (entry["kept_visual_l2"], entry["kept_visual_l6"], entry["kept_visual_l15"]) == (66, 30, 17)
@@ -184,7 +164,7 @@ def test_distillation_with_a_qwen_student_and_its_teacher(pair, tmp_path):
     tokenizer, _, qwen, pixels, _ = pair
     folder = str(tmp_path / "tiny-llava-qwen")
     qwen.save_pretrained(folder)
-    trainer, logs = _training_step(qwen, tokenizer, pixels, tmp_path, teacher_model_name_or_path=folder)
+    trainer, logs = training_steps(qwen, tokenizer, pixels, tmp_path, teacher_model_name_or_path=folder)
     assert len(logs) == 2 and all(entry["align_loss"] > 0 for entry in logs)
     teacher = trainer._sparsevlm_distill.teacher
     assert type(teacher).__name__ == "LlavaQwenForCausalLM"
