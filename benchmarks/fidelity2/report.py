@@ -73,6 +73,16 @@ def markdown(report: dict) -> str:
               + ", ".join(f"{k} {100 * v:.1f}%" for k, v in blind.items()),
               f"Asked objects' share of the image's patches: {report.get('region_share', {})}",
               "", "Targets: `" + json.dumps(targets(report)) + "`"]
+    low = report.get("budgets", [None])[-1]
+    typed = [e for e in report.get("evaluations", [])
+             if e.get("per_type") and (e["rule"] == "dense" or e["model"] != "finetuned" or e["retain"] == low)]
+    if typed:
+        kinds = sorted({t for e in typed for t in e["per_type"]})
+        lines += ["", "Accuracy % per question type (dense rows, the lowest budget, the trained students):", "",
+                  "| model | rule | visual tokens | " + " | ".join(kinds) + " |", "|---|---|---|" + "---|" * len(kinds)]
+        lines += [f"| {e['model']} | {e['rule']} | {e['retain'] or 'all'} | "
+                  + " | ".join(f"{100 * e['per_type'][k]:.1f}" if k in e["per_type"] else "-" for k in kinds) + " |"
+                  for e in typed]
     probe = report.get("phases", {}).get("probe", {}).get("attention_lift_per_layer")
     if probe:
         lines += ["", "Attention of the text after the image on the asked objects, over chance, per layer "
