@@ -19,7 +19,8 @@ Chaining device calls: with `--work DIR` the scratch folder stays, with a state.
 done, and a later call with the same DIR resumes after the finished phases. Checkpoints (270 MB
 each) cannot come back from a device call, so DIR must live on the machine (e.g. /tmp/fidelity2),
 and the next call must come while it is still warm (30 s after the last). Across machines only
-the tower comes back small: `--tower $OUT/tower` skips its pretraining.
+the tower comes back small: `--tower $OUT/tower` skips its pretraining. `--until tower` stops a
+first call after the data and the tower, which need no LM (the GGUF arrives in two calls).
 
   GPU:  python3 benchmarks/fidelity2/study.py --preset full --out $OUT --budget-s 540 [--work /tmp/fidelity2]
   CPU smoke test (tests/test_fidelity2_smoke.py): study.py --preset smoke --out DIR
@@ -120,6 +121,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=540.0)
     ap.add_argument("--tower", default=None, help="a pretrained tower folder from an earlier call")
     ap.add_argument("--label", default=None, help="code version to record")
+    ap.add_argument("--until", default=None, choices=("tower",),
+                    help="stop after this phase (e.g. a first call that has no GGUF yet; resume with --work)")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
     import torch
@@ -156,10 +159,15 @@ def main(argv=None) -> int:
         with open(state_path, "w") as handle:
             json.dump(dict(rep, paths={k: v for k, v in paths.items() if k != "train_scenes"}), handle)
 
+    stopped: list = []
+
     def phase(name, fn):
         if name in rep["phases"]:
             log(f"{name}: done in an earlier call")
             return rep["phases"][name]
+        if stopped:
+            rep["skipped"].append(name)
+            return None
         need = p.seconds.get(name, 0)
         if time.time() - started + need > args.budget_s:
             log(f"skip {name}: needs ~{need}s, {args.budget_s - (time.time() - started):.0f}s left")
@@ -174,6 +182,9 @@ def main(argv=None) -> int:
             save_state()
             return None
         rep["phases"][name] = dict(result or {}, seconds=round(time.time() - t0, 1))
+        if name == args.until:
+            log(f"stop after {name} (--until)")
+            stopped.append(name)
         save_state()
         return result or {}
 
