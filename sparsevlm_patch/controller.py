@@ -180,9 +180,11 @@ def _fast_prefill(model, state, layout, plan, a: dict, use_cache: bool):
     inp = prefill_inputs(layout, plan, embeds, a["position_ids"], length=length, raters=raters)
     shapes = stage_shapes(plan, length=length)
     config = state.config
-    key = ("prefill", B, length, raters, tuple(plan.visual_counts), embeds.dtype, use_cache)
+    # The bucket's pads follow every sample's slots, so a causal pass serves where the batch's own do.
+    key = ("prefill", B, length, raters, tuple(plan.visual_counts), embeds.dtype, use_cache, layout.causal)
     run = fastpath.runner(fast, key, lambda **t: run_prefill(
-        model, PrefillInputs(**t), shapes, config.selection, config.seed, all_valid=False, use_cache=use_cache)[:3])
+        model, PrefillInputs(**t), shapes, config.selection, config.seed, all_valid=False, causal=layout.causal,
+        use_cache=use_cache)[:3])
     with fast.lock:  # the graph's outputs are copied out before another replay
         last, keep, cache = run(capture, **inp.tensors())
         fast.last_path = "captured" if capture and run.graph is not None else "fixed-shape, eager"

@@ -45,6 +45,9 @@ class BatchLayout:
     length: int
     valid: torch.Tensor  # bool [B, L]
     visual: torch.Tensor  # bool [B, L]
+    # Every sample's valid slots are a prefix (no pads, or pads only after the real tokens):
+    # a causal pass serves, as no real token attends to a later slot.
+    causal: bool = False
 
     @property
     def visual_counts(self) -> List[int]:
@@ -58,6 +61,7 @@ class BatchLayout:
             length=self.length,
             valid=self.valid.repeat_interleave(copies, dim=0),
             visual=self.visual.repeat_interleave(copies, dim=0),
+            causal=self.causal,
         )
 
     def padded_index(self, kind: str, device, width: int = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -101,11 +105,12 @@ def layout_from_probe(
     labels_h = host[2] if labels is not None else None
     visual_h = valid_h & (probe_h == IGNORE_INDEX)
 
-    samples = []
+    samples, causal = [], True
     for b in range(probe_h.shape[0]):
         spans = _runs(visual_h[b].tolist())
         valid_pos = torch.nonzero(valid_h[b]).flatten().tolist()
         last_valid = valid_pos[-1] + 1 if valid_pos else 0
+        causal = causal and last_valid == len(valid_pos)
         if spans:
             start = spans[-1][0] + spans[-1][1]
             end = last_valid
@@ -134,4 +139,5 @@ def layout_from_probe(
         length=probe_h.shape[1],
         valid=to_device(valid_h, device),
         visual=to_device(visual_h, device),
+        causal=causal,
     )

@@ -85,17 +85,20 @@ class Active:
     all_valid: bool  # host: no pads in this batch
 
 
-def attention_mask_for(valid: torch.Tensor, all_valid: bool, dtype, impl: str, queries: int = None,
+def attention_mask_for(valid: torch.Tensor, unmasked: bool, dtype, impl: str, queries: int = None,
                        pos: torch.Tensor = None, window: int = None):
     """The mask upstream's attention modules expect, for a causal pass over `valid` slots.
 
     `queries`: number of trailing slots that are queries (decode); None = all (prefill).
-    SDPA and flash take None when nothing is padded; flash takes the 2-D mask; eager and
-    padded SDPA take the additive 4-D mask (B, 1, q, kv). Pad query rows see themselves
-    so that no row is fully masked. `window` (with the slots' positions `pos`): a query
-    sees only keys less than `window` positions back (Mistral's sliding window).
+    `unmasked`: the pass needs no mask beyond causality. In a prefill that holds when every
+    sample's valid slots are a prefix (pad rows at the end are computed but never read); in
+    a decode only when nothing is padded. SDPA and flash then take None (their causal
+    kernels); otherwise flash takes the 2-D mask, and eager and SDPA the additive 4-D mask
+    (B, 1, q, kv). Pad query rows see themselves so that no row is fully masked. `window`
+    (with the slots' positions `pos`): a query sees only keys less than `window` positions
+    back (Mistral's sliding window).
     """
-    if all_valid and window is None and impl in ("sdpa", "flash_attention_2"):
+    if unmasked and window is None and impl in ("sdpa", "flash_attention_2"):
         return None
     if impl == "flash_attention_2":
         return valid.long()
@@ -356,10 +359,11 @@ def _scatter(full: torch.Tensor, act: Active) -> torch.Tensor:
 
 
 def run_prefill(model, inp: PrefillInputs, shapes: List[StageShape], rule: str, seed: int, *, all_valid: bool,
-                use_cache: bool, output_hidden_states: bool = False):
+                causal: bool, use_cache: bool, output_hidden_states: bool = False):
     """The layers of a sparse prefill on device inputs alone (no host round-trip: this is what
-    a CUDA graph captures). Returns (normed last hidden states [B, L, D], keep mask [B, L],
-    PrunedCache or None, per-layer hidden states or None)."""
+    a CUDA graph captures). `all_valid`: no pads in `inp`; `causal`: every sample's valid
+    slots in `inp` are a prefix (see BatchLayout.causal). Returns (normed last hidden states
+    [B, L, D], keep mask [B, L], PrunedCache or None, per-layer hidden states or None)."""
     layers = model.layers
     B, L, D = inp.embeds.shape
     device = inp.embeds.device
@@ -377,7 +381,7 @@ def run_prefill(model, inp: PrefillInputs, shapes: List[StageShape], rule: str, 
         cache.stage_pos.append(act.pos)
     stages = {s.layer: (j, s) for j, s in enumerate(shapes)}
     full = None
-    mask = attention_mask_for(act.valid, act.all_valid, inp.embeds.dtype, impl, pos=act.pos, window=window)
+    mask = attention_mask_for(act.valid, all_valid or causal, inp.embeds.dtype, impl, pos=act.pos, window=window)
     hidden_states = [] if output_hidden_states else None
     stage_index = 0
     for i, layer in enumerate(layers):
@@ -387,7 +391,8 @@ def run_prefill(model, inp: PrefillInputs, shapes: List[StageShape], rule: str, 
                 full = inp.embeds.new_zeros(B, L + 1, D)
             full = _scatter(full, act)
             act = _prune(layer, act, shape, inp.counts[j], rating, inp.fallback, rope_len, L, j)
-            mask = attention_mask_for(act.valid, act.all_valid, inp.embeds.dtype, impl, pos=act.pos, window=window)
+            # Compaction puts every sample's surviving slots first: a causal pass serves.
+            mask = attention_mask_for(act.valid, True, inp.embeds.dtype, impl, pos=act.pos, window=window)
             if cache is not None:
                 cache.stage_valid.append(act.valid)
                 cache.stage_all_valid.append(act.all_valid)
@@ -420,7 +425,7 @@ def sparse_prefill(model, state, layout: BatchLayout, plan: PrefillPlan, *, atte
     inp = prefill_inputs(layout, plan, inputs_embeds, position_ids)
     last, keep, cache, hidden_states = run_prefill(
         model, inp, stage_shapes(plan), plan.selection, state.config.seed, all_valid=layout.padding_side is None,
-        use_cache=use_cache, output_hidden_states=output_hidden_states)
+        causal=layout.causal, use_cache=use_cache, output_hidden_states=output_hidden_states)
     state.record(keep, prefill_stats(plan, [s.image_spans for s in layout.samples], model.config,
                                      len(model.layers)))
     return model_outputs(last, cache, hidden_states, return_dict)

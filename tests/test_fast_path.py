@@ -71,6 +71,27 @@ def test_generate_batch_1_equals_the_dynamic_path(tiny_llava, tiny_images, selec
     assert isinstance(fast.past_key_values, StaticPrunedCache)
 
 
+def test_a_bucket_of_one_prompt_runs_the_causal_kernel_unmasked(tiny_llava, tiny_images):
+    """The bucket's pad slots follow the prompt, so its prefill needs no attention mask (the one
+    upstream gives an unpadded prompt, whose SDPA kernel is causal flash on a GPU); its decode
+    steps do, as the bucket's pads sit in the cache."""
+    model, ids, pixels = one_prompt(tiny_llava, tiny_images)
+    masks = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw: masks.append(kw["attention_mask"]), with_kwargs=True)
+             for layer in model.get_model().layers]
+    try:
+        sparsevlm_patch.enable(model, retain_tokens=64, cuda_graphs=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            generate(model, ids, pixels, [tiny_images[0].size])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    layers = len(model.get_model().layers)
+    assert len(masks) > layers and all(m is None for m in masks[:layers])
+    assert all(m is not None for m in masks[layers:])
+
+
 def test_left_padded_batch_of_different_lengths_in_one_bucket(tiny_llava, tiny_images):
     tokenizer, model, processor = tiny_llava
     model.config.tokenizer_padding_side = "left"

@@ -644,6 +644,30 @@ def test_batch_equals_each_sample_alone(tiny_llava, tiny_images, side, recycle):
             assert stats["recycled"][b] == single_stats["recycled"][0]
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_attention_is_masked_only_where_a_causal_pass_would_not_serve(tiny_llava, tiny_images, side):
+    """SDPA gets no mask (its causal kernel, as upstream gets for an unpadded batch) wherever
+    every sample's real tokens come first: a right-padded batch throughout, a left-padded one
+    from its first pruning layer on (compaction moves the pads to the end). That the outputs
+    are each sample's own is test_batch_equals_each_sample_alone."""
+    tokenizer, model, image_processor = tiny_llava
+    seqs, _, batch_pixels, sizes = mixed_batch(tokenizer, model, image_processor, tiny_images)
+    ids, mask = pad(seqs, tokenizer.pad_token_id, side)
+    model.config.tokenizer_padding_side = side
+    masked = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw: masked.append(kw["attention_mask"] is not None),
+                                             with_kwargs=True) for layer in model.get_model().layers]
+    try:
+        sparsevlm_patch.enable(model, retain_tokens=64)
+        forward(model, ids, attention_mask=mask, images=batch_pixels, image_sizes=sizes)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    first_pruning = min(sparsevlm_patch.last_stats(model)["pruning_layers"])
+    assert len(masked) == len(model.get_model().layers)
+    assert masked == [side == "left" and i < first_pruning for i in range(len(masked))], masked
+
+
 def test_visual_counts_come_from_the_data(tiny_llava, tiny_images):
     """Two images in one prompt (1152 visual tokens) and a visual span cut by upstream's
     truncation (288 tokens, no question left: the last visual token rates): the budget follows
