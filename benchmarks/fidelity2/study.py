@@ -82,6 +82,13 @@ PRESETS = {
                    seconds={"tower": 60, "lm": 20, "pretrain": 60, "finetune": 370, "eval": 60, "probe": 15,
                             "distill_sparsevlm": 70, "distill_sparsevlm_v2": 65, "control": 60,
                             "eval_distill_sparsevlm": 12, "eval_distill_sparsevlm_v2": 12, "eval_control": 15}),
+    # The full preset with less training, for a session with less device time left.
+    "lean": Preset(device="cuda", image_size=336, patch=14, tower_hidden=256, tower_layers=6, tower_heads=4,
+                   tower_steps=600, tower_batch=64, n_train=12000, n_test=400, turns=5, batch=32, workers=12,
+                   pretrain_steps=200, finetune_steps=1300, distill_steps=150, eval_batch=100,
+                   seconds={"tower": 40, "lm": 20, "pretrain": 60, "finetune": 300, "eval": 60, "probe": 15,
+                            "distill_sparsevlm": 55, "distill_sparsevlm_v2": 50, "control": 45,
+                            "eval_distill_sparsevlm": 12, "eval_distill_sparsevlm_v2": 12, "eval_control": 15}),
     "smoke": Preset(device="cpu", image_size=112, patch=14, tower_hidden=32, tower_layers=2, tower_heads=2,
                     tower_steps=10, tower_batch=4, n_train=12, n_test=4, turns=5, batch=2, workers=0,
                     pretrain_steps=2, finetune_steps=2, distill_steps=1, eval_batch=4, probe_questions=2),
