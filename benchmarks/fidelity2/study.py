@@ -9,8 +9,9 @@ Phases, in order, in one process (each training stage is its own `python -m spar
   pretrain, finetune                     upstream's two LLaVA stages
   eval      the fine-tuned model: dense, then every rule at every budget
   probe     attention of the text after the image on the asked objects, per layer (dense)
-  distill_sparsevlm, distill_sparsevlm_v2, control   distillation at the lowest budget, its dense control
-  eval_distill_sparsevlm, eval_distill_sparsevlm_v2, eval_control   their evaluations
+  distill_sparsevlm, control, eval_distill_sparsevlm, eval_control   distillation at the lowest
+            budget and its dense control (the same extra steps), then their evaluations
+  distill_sparsevlm_v2, eval_distill_sparsevlm_v2
 Results are written after every phase (results.json / results.md / accuracy_vs_tokens.png under
 --out, the logs next to them), so a call stopped at its limit keeps what it finished. A phase
 that would not fit in what is left of --budget-s is recorded in "skipped".
@@ -82,12 +83,12 @@ PRESETS = {
                    seconds={"tower": 60, "lm": 20, "pretrain": 60, "finetune": 370, "eval": 60, "probe": 15,
                             "distill_sparsevlm": 70, "distill_sparsevlm_v2": 65, "control": 60,
                             "eval_distill_sparsevlm": 12, "eval_distill_sparsevlm_v2": 12, "eval_control": 15}),
-    # The full preset with less training, for a session with less device time left.
+    # The full preset with less training: everything after the tower fits one device call.
     "lean": Preset(device="cuda", image_size=336, patch=14, tower_hidden=256, tower_layers=6, tower_heads=4,
                    tower_steps=600, tower_batch=64, n_train=12000, n_test=400, turns=5, batch=32, workers=12,
-                   pretrain_steps=200, finetune_steps=1300, distill_steps=150, eval_batch=100,
-                   seconds={"tower": 40, "lm": 20, "pretrain": 60, "finetune": 300, "eval": 60, "probe": 15,
-                            "distill_sparsevlm": 55, "distill_sparsevlm_v2": 50, "control": 45,
+                   pretrain_steps=150, finetune_steps=1150, distill_steps=120, eval_batch=100,
+                   seconds={"tower": 40, "lm": 10, "pretrain": 45, "finetune": 260, "eval": 50, "probe": 8,
+                            "distill_sparsevlm": 45, "distill_sparsevlm_v2": 42, "control": 36,
                             "eval_distill_sparsevlm": 12, "eval_distill_sparsevlm_v2": 12, "eval_control": 15}),
     "smoke": Preset(device="cpu", image_size=112, patch=14, tower_hidden=32, tower_layers=2, tower_heads=2,
                     tower_steps=10, tower_batch=4, n_train=12, n_test=4, turns=5, batch=2, workers=0,
@@ -270,19 +271,21 @@ def main(argv=None) -> int:
             return {"attention_lift_per_layer": lift, "questions_per_split": p.probe_questions}
 
         phase("probe", probe)
-        for rule in ("sparsevlm", "sparsevlm_v2"):
-            phase(f"distill_{rule}", lambda rule=rule: stages.continue_training(
-                p, paths, work, log, f"distill_{rule}", {"selection": rule, "retain": low}))
-        phase("control", lambda: stages.continue_training(p, paths, work, log, "control", None))
         # One evaluation phase per trained model, so that a resumed call evaluates a model that an
-        # earlier call trained after its evaluation slot was skipped.
+        # earlier call trained after its evaluation slot was skipped. sparsevlm's student and the
+        # control come first: a call that runs short keeps the comparison the targets name first.
         plans = {f"distill_{rule}": [(rule, low), (None, None)] for rule in ("sparsevlm", "sparsevlm_v2")}
         plans["control"] = [(None, None), ("sparsevlm", low), ("sparsevlm_v2", low)]
-        for model_name, rows in plans.items():
-            if model_name in paths:
-                phase(f"eval_{model_name}", lambda m=model_name, r=rows: evaluate_models([(m, r)]))
-            else:
-                rep["skipped"].append(f"eval_{model_name}")
+        for group in (("distill_sparsevlm", "control"), ("distill_sparsevlm_v2",)):
+            for model_name in group:
+                rule = model_name.replace("distill_", "")
+                phase(model_name, lambda m=model_name, r=rule: stages.continue_training(
+                    p, paths, work, log, m, None if m == "control" else {"selection": r, "retain": low}))
+            for model_name in group:
+                if model_name in paths:
+                    phase(f"eval_{model_name}", lambda m=model_name: evaluate_models([(m, plans[m])]))
+                else:
+                    rep["skipped"].append(f"eval_{model_name}")
     else:
         rep["skipped"].append("everything after fine-tuning (no fine-tuned model)")
     collect_logs(os.path.join(work, "logs"), os.path.join(args.out, "training_logs.txt"))
