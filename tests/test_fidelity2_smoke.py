@@ -1,6 +1,7 @@
 """The fidelity study (benchmarks/fidelity2, issue 15) end to end on the CPU with its smoke preset:
 tiny tower, tiny random LM with SmolLM2's tokenizer, every upstream training stage through
 `python -m sparsevlm_patch.train`, every evaluation row. ~40 s."""
+import dataclasses
 import json
 import os
 import random
@@ -103,3 +104,14 @@ def test_read_answer_takes_the_answer_word_a_generation_starts_with():
     assert task.read_answer(" Triangle.\n\nWhat") == "triangle"
     assert task.read_answer("two") == "two" and task.read_answer("twelve") == ""
     assert task.read_answer("\n") == ""
+
+
+def test_a_weak_tower_stops_the_study(tmp_path, monkeypatch):
+    """Run 2's lesson: a tower that can't tell the shapes apart makes every later phase moot."""
+    monkeypatch.setitem(study.PRESETS, "smoke", dataclasses.replace(study.PRESETS["smoke"], tower_min_accuracy=1.01))
+    out = tmp_path / "out"
+    assert study.main(["--preset", "smoke", "--out", str(out), "--work", str(tmp_path / "work")]) == 1
+    with open(out / "results.json") as handle:
+        rep = json.load(handle)
+    assert "under 1.01" in rep["phases"]["tower"]["error"]
+    assert set(rep["phases"]) == {"data", "tower"} and "finetune" in rep["skipped"]

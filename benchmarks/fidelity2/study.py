@@ -71,6 +71,9 @@ class Preset:
     distill_lr: float = 2e-5
     tower_lr: float = 1e-3
     probe_questions: int = 48  # per split, for the attention probe
+    # The tower must tell every patch's color, shape and cell on held-out images, or the LM
+    # cannot answer what the questions name: the study stops after a tower below this.
+    tower_min_accuracy: float = 0.95
     seed: int = 0
     # Rough seconds per phase, to skip what cannot finish in the call's budget.
     seconds: dict = dataclasses.field(default_factory=dict)
@@ -85,14 +88,15 @@ PRESETS = {
                             "eval_distill_sparsevlm": 12, "eval_distill_sparsevlm_v2": 12, "eval_control": 15}),
     # The full preset with less training: everything after the tower fits one device call.
     "lean": Preset(device="cuda", image_size=336, patch=14, tower_hidden=256, tower_layers=6, tower_heads=4,
-                   tower_steps=600, tower_batch=64, n_train=12000, n_test=400, turns=5, batch=32, workers=12,
+                   tower_steps=1000, tower_batch=64, n_train=12000, n_test=400, turns=5, batch=32, workers=12,
                    pretrain_steps=150, finetune_steps=1150, distill_steps=120, eval_batch=100,
-                   seconds={"tower": 40, "lm": 10, "pretrain": 45, "finetune": 260, "eval": 50, "probe": 8,
+                   seconds={"tower": 60, "lm": 10, "pretrain": 45, "finetune": 260, "eval": 50, "probe": 8,
                             "distill_sparsevlm": 45, "distill_sparsevlm_v2": 42, "control": 36,
                             "eval_distill_sparsevlm": 12, "eval_distill_sparsevlm_v2": 12, "eval_control": 15}),
     "smoke": Preset(device="cpu", image_size=112, patch=14, tower_hidden=32, tower_layers=2, tower_heads=2,
                     tower_steps=10, tower_batch=4, n_train=12, n_test=4, turns=5, batch=2, workers=0,
-                    pretrain_steps=2, finetune_steps=2, distill_steps=1, eval_batch=4, probe_questions=2),
+                    pretrain_steps=2, finetune_steps=2, distill_steps=1, eval_batch=4, probe_questions=2,
+                    tower_min_accuracy=0.0),
 }
 
 
@@ -223,6 +227,10 @@ def main(argv=None) -> int:
                                 device=p.device, workers=max(1, p.workers), log=log)
         # Small: comes back from a device call.
         shutil.copytree(paths["tower"], os.path.join(args.out, "tower"), dirs_exist_ok=True)
+        weak = {k: v for k, v in result["held_out_patch_accuracy"].items() if v < p.tower_min_accuracy}
+        if weak:
+            raise RuntimeError(f"the tower's held-out per-patch accuracy {weak} is under {p.tower_min_accuracy}: "
+                               "the LM could not answer what the questions name; train the tower longer")
         return result
 
     def lm():
@@ -251,7 +259,9 @@ def main(argv=None) -> int:
     for name, fn in (("data", data), ("tower", tower_phase), ("lm", lm),
                      ("pretrain", lambda: stages.pretrain(p, paths, work, log)),
                      ("finetune", lambda: stages.finetune(p, paths, work, log))):
-        if name != "data" and (evaluator is None or (name in ("pretrain", "finetune") and "lm" not in paths)):
+        weak_tower = name not in ("data", "tower") and "error" in rep["phases"].get("tower", {})
+        if weak_tower or (name != "data" and (evaluator is None or (name in ("pretrain", "finetune")
+                                                                    and "lm" not in paths))):
             rep["skipped"].append(name)
             continue
         phase(name, fn)
