@@ -361,8 +361,9 @@ def _scatter(full: torch.Tensor, act: Active) -> torch.Tensor:
 def run_prefill(model, inp: PrefillInputs, shapes: List[StageShape], rule: str, seed: int, *, all_valid: bool,
                 causal: bool, use_cache: bool, output_hidden_states: bool = False):
     """The layers of a sparse prefill on device inputs alone (no host round-trip: this is what
-    a CUDA graph captures). `all_valid`: no pads in `inp`; `causal`: every sample's valid
-    slots in `inp` are a prefix (see BatchLayout.causal). Returns (normed last hidden states
+    a CUDA graph captures). `all_valid`: no pads in `inp` (what the cache records for decode);
+    `causal`: every sample's valid slots in `inp` are a prefix (see BatchLayout.causal), which
+    no pads implies. Returns (normed last hidden states
     [B, L, D], keep mask [B, L], PrunedCache or None, per-layer hidden states or None)."""
     layers = model.layers
     B, L, D = inp.embeds.shape
@@ -381,7 +382,7 @@ def run_prefill(model, inp: PrefillInputs, shapes: List[StageShape], rule: str, 
         cache.stage_pos.append(act.pos)
     stages = {s.layer: (j, s) for j, s in enumerate(shapes)}
     full = None
-    mask = attention_mask_for(act.valid, all_valid or causal, inp.embeds.dtype, impl, pos=act.pos, window=window)
+    mask = attention_mask_for(act.valid, causal, inp.embeds.dtype, impl, pos=act.pos, window=window)
     hidden_states = [] if output_hidden_states else None
     stage_index = 0
     for i, layer in enumerate(layers):

@@ -86,18 +86,16 @@ PRESETS = {
                    seconds={"tower": 60, "lm": 20, "pretrain": 60, "finetune": 370, "eval": 60, "probe": 15,
                             "distill_sparsevlm": 70, "distill_sparsevlm_v2": 65, "control": 60,
                             "eval_distill_sparsevlm": 12, "eval_distill_sparsevlm_v2": 12, "eval_control": 15}),
-    # The full preset with less training: everything after the tower fits one device call.
-    "lean": Preset(device="cuda", image_size=336, patch=14, tower_hidden=256, tower_layers=6, tower_heads=4,
-                   tower_steps=1000, tower_batch=64, n_train=12000, n_test=400, turns=5, batch=32, workers=12,
-                   pretrain_steps=150, finetune_steps=1150, distill_steps=120, eval_batch=100,
-                   seconds={"tower": 60, "lm": 10, "pretrain": 45, "finetune": 260, "eval": 50, "probe": 8,
-                            "distill_sparsevlm": 45, "distill_sparsevlm_v2": 42, "control": 36,
-                            "eval_distill_sparsevlm": 12, "eval_distill_sparsevlm_v2": 12, "eval_control": 15}),
     "smoke": Preset(device="cpu", image_size=112, patch=14, tower_hidden=32, tower_layers=2, tower_heads=2,
                     tower_steps=10, tower_batch=4, n_train=12, n_test=4, turns=5, batch=2, workers=0,
                     pretrain_steps=2, finetune_steps=2, distill_steps=1, eval_batch=4, probe_questions=2,
                     tower_min_accuracy=0.0),
 }
+# The full preset with less training: everything after the tower fits one device call.
+PRESETS["lean"] = dataclasses.replace(
+    PRESETS["full"], pretrain_steps=150, finetune_steps=1150, distill_steps=120,
+    seconds=dict(PRESETS["full"].seconds, lm=10, pretrain=45, finetune=260, eval=50, probe=8, distill_sparsevlm=45,
+                 distill_sparsevlm_v2=42, control=36))
 
 
 def resume(state_path: str, rep: dict, paths: dict) -> None:
@@ -259,9 +257,9 @@ def main(argv=None) -> int:
     for name, fn in (("data", data), ("tower", tower_phase), ("lm", lm),
                      ("pretrain", lambda: stages.pretrain(p, paths, work, log)),
                      ("finetune", lambda: stages.finetune(p, paths, work, log))):
+        needs_lm = name in ("pretrain", "finetune") and "lm" not in paths
         weak_tower = name not in ("data", "tower") and "error" in rep["phases"].get("tower", {})
-        if weak_tower or (name != "data" and (evaluator is None or (name in ("pretrain", "finetune")
-                                                                    and "lm" not in paths))):
+        if name != "data" and (evaluator is None or needs_lm or weak_tower):
             rep["skipped"].append(name)
             continue
         phase(name, fn)
