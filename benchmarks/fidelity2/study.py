@@ -81,9 +81,9 @@ class Preset:
 
 PRESETS = {
     "full": Preset(device="cuda", image_size=336, patch=14, tower_hidden=256, tower_layers=6, tower_heads=4,
-                   tower_steps=1000, tower_batch=64, n_train=12000, n_test=400, turns=5, batch=32, workers=12,
+                   tower_steps=1600, tower_batch=64, n_train=12000, n_test=400, turns=5, batch=32, workers=12,
                    pretrain_steps=200, finetune_steps=1600, distill_steps=200, eval_batch=100,
-                   seconds={"tower": 60, "lm": 20, "pretrain": 60, "finetune": 370, "eval": 60, "probe": 15,
+                   seconds={"tower": 75, "lm": 20, "pretrain": 60, "finetune": 370, "eval": 60, "probe": 15,
                             "distill_sparsevlm": 70, "distill_sparsevlm_v2": 65, "control": 60,
                             "eval_distill_sparsevlm": 12, "eval_distill_sparsevlm_v2": 12, "eval_control": 15}),
     "smoke": Preset(device="cpu", image_size=112, patch=14, tower_hidden=32, tower_layers=2, tower_heads=2,
