@@ -69,6 +69,13 @@ def test_smoke_pipeline(tmp_path):
     expected |= {("distill_sparsevlm", "sparsevlm", low), ("distill_sparsevlm_v2", "sparsevlm_v2", low),
                  ("control", "dense", None), ("control", "sparsevlm", low)}
     assert expected <= rows
+    late = {(e["rule"], e["retain"]): e for e in rep["evaluations"] if e.get("pruning_layers")}
+    assert set(late) == {(r, low) for r in ("sparsevlm", "sparsevlm_v2", "random")}
+    assert all(e["pruning_layers"] == [8, 10, 12] and e["model"] == "finetuned" for e in late.values())
+    # Later pruning layers prune less of the prefill: the FLOPs say the layers reached the plugin.
+    default = {e["rule"]: e for e in rep["evaluations"] if e["model"] == "finetuned" and e["retain"] == low
+               and not e.get("pruning_layers")}
+    assert all(late[(r, low)]["flops_vs_dense"] > default[r]["flops_vs_dense"] for r in default if (r, low) in late)
     for e in rep["evaluations"]:
         for split in ("object", "location"):
             assert 0.0 <= e[split]["accuracy"] <= 1.0 and e[split]["n"] == 4
@@ -115,3 +122,11 @@ def test_a_weak_tower_stops_the_study(tmp_path, monkeypatch):
         rep = json.load(handle)
     assert "under 1.01" in rep["phases"]["tower"]["error"]
     assert set(rep["phases"]) == {"data", "tower"} and "finetune" in rep["skipped"]
+
+
+def test_the_tower_trains_without_its_cell_head(tmp_path):
+    scenes = [task.random_scene(random.Random(i), 112) for i in range(6)]
+    result = study.tower.pretrain(str(tmp_path / "tower"), scenes, image_size=112, patch=14, hidden=32, layers=1,
+                                  heads=2, steps=2, batch=2, lr=1e-3, seed=0, device="cpu", cell_head=False)
+    assert set(result["held_out_patch_accuracy"]) == {"color", "shape"}
+    assert study.PRESETS["full-nocell"].tower_cell_head is False and study.PRESETS["full"].tower_cell_head

@@ -16,6 +16,12 @@ RULES = ("sparsevlm", "sparsevlm_v2", "fastv", "random")
 PAPER_BUDGETS = (192, 128, 96, 64)  # of 576 visual tokens; scaled to the tower's count
 
 
+def row_key(row: dict) -> tuple:
+    """What tells one evaluation row from another: the model, the rule, the budget and any
+    pruning layers other than the defaults."""
+    return row["model"], row["rule"], row["retain"], tuple(row.get("pruning_layers") or ())
+
+
 def scaled_budget(budget: int, visual_tokens: int) -> int:
     return max(1, round(budget * visual_tokens / 576))
 
@@ -63,8 +69,9 @@ class Evaluator:
         self.batch, self.device = batch, device
         self._pixels = {}
 
-    def evaluate(self, loaded, rule: Optional[str], retain: Optional[int]) -> dict:
-        """`rule` None: dense (the plugin disabled on the model)."""
+    def evaluate(self, loaded, rule: Optional[str], retain: Optional[int], layers: Optional[tuple] = None) -> dict:
+        """`rule` None: dense (the plugin disabled on the model); `layers`: pruning layers other
+        than the plugin's defaults."""
         import torch
         from PIL import Image
 
@@ -75,7 +82,8 @@ class Evaluator:
         if rule is None:
             sparsevlm_patch.disable(model)
         else:
-            sparsevlm_patch.enable(model, retain_tokens=retain, selection=rule)
+            extra = {"pruning_layers": tuple(layers)} if layers else {}
+            sparsevlm_patch.enable(model, retain_tokens=retain, selection=rule, **extra)
         pad = tokenizer.pad_token_id
         started = time.time()
         hits, by_type, regions, flops = {}, {}, {}, [0.0, 0.0]
@@ -123,6 +131,8 @@ class Evaluator:
                                "answer": chunk[0]["conversations"][1]["value"], "prediction": texts[0]}
         result = {"rule": rule or "dense", "retain": retain, "seconds": round(time.time() - started, 1),
                   "example": example, "flops_vs_dense": round(flops[0] / flops[1], 4) if flops[1] else 1.0}
+        if layers:
+            result["pruning_layers"] = list(layers)
         result["per_type"] = {t: round(sum(v) / len(v), 4) for t, v in by_type.items()}
         for split, values in hits.items():
             acc, se = _mean_se([float(v) for v in values])

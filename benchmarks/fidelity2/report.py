@@ -15,8 +15,12 @@ def _cell(split: dict, key: str = "accuracy") -> str:
     return f"{100 * split[key]:.1f} ± {100 * split[key + '_se' if key != 'accuracy' else 'se']:.1f}"
 
 
+def _rule(r: dict) -> str:
+    return r["rule"] + (f" (layers {', '.join(map(str, r['pruning_layers']))})" if r.get("pruning_layers") else "")
+
+
 def _row(name: str, r: dict) -> str:
-    return (f"| {name} | {r['rule']} | {r['retain'] or 'all'} | {_cell(r.get('object'))} | "
+    return (f"| {name} | {_rule(r)} | {r['retain'] or 'all'} | {_cell(r.get('object'))} | "
             f"{_cell(r.get('object'), 'kept_in_region')} | {_cell(r.get('location'))} | "
             f"{_cell(r.get('location'), 'kept_in_region')} | {r['flops_vs_dense']:.3f} |")
 
@@ -35,7 +39,8 @@ def paired_difference(a: dict, b: dict) -> dict:
 def targets(report: dict) -> dict:
     """The issue's targets, judged on what ran (None: its rows did not run). Differences carry
     their paired standard error; "clearly" means by more than two of them."""
-    rows = {(e["model"], e["rule"], e["retain"]): e for e in report.get("evaluations", [])}
+    rows = {(e["model"], e["rule"], e["retain"]): e for e in report.get("evaluations", [])
+            if not e.get("pruning_layers")}
     low = report.get("budgets", [None])[-1]
     dense = rows.get(("finetuned", "dense", None))
     out = {"dense_object_at_least_90": None if not dense else dense["object"]["accuracy"] >= 0.90}
@@ -80,7 +85,7 @@ def markdown(report: dict) -> str:
         kinds = sorted({t for e in typed for t in e["per_type"]})
         lines += ["", "Accuracy % per question type (dense rows, the lowest budget, the trained students):", "",
                   "| model | rule | visual tokens | " + " | ".join(kinds) + " |", "|---|---|---|" + "---|" * len(kinds)]
-        lines += [f"| {e['model']} | {e['rule']} | {e['retain'] or 'all'} | "
+        lines += [f"| {e['model']} | {_rule(e)} | {e['retain'] or 'all'} | "
                   + " | ".join(f"{100 * e['per_type'][k]:.1f}" if k in e["per_type"] else "-" for k in kinds) + " |"
                   for e in typed]
     probe = report.get("phases", {}).get("probe", {}).get("attention_lift_per_layer")
@@ -96,7 +101,7 @@ def plot(path: str, report: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    evals = [e for e in report.get("evaluations", []) if e["model"] == "finetuned"]
+    evals = [e for e in report.get("evaluations", []) if e["model"] == "finetuned" and not e.get("pruning_layers")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, split in zip(axes, ("object", "location")):
         for rule in RULES:

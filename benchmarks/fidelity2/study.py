@@ -9,6 +9,8 @@ Phases, in order, in one process (each training stage is its own `python -m spar
   pretrain, finetune                     upstream's two LLaVA stages
   eval      the fine-tuned model: dense, then every rule at every budget
   probe     attention of the text after the image on the asked objects, per layer (dense)
+  eval_late_layers   sparsevlm, sparsevlm_v2 and random at the lowest budget, pruning at the
+            preset's `late_layers` instead of the defaults
   distill_sparsevlm, control, eval_distill_sparsevlm, eval_control   distillation at the lowest
             budget and its dense control (the same extra steps), then their evaluations
   distill_sparsevlm_v2, eval_distill_sparsevlm_v2
@@ -74,6 +76,10 @@ class Preset:
     # The tower must tell every patch's color, shape and cell on held-out images, or the LM
     # cannot answer what the questions name: the study stops after a tower below this.
     tower_min_accuracy: float = 0.95
+    tower_cell_head: bool = True
+    # Pruning layers for extra rows at the lowest budget, where the probe of run 3 found the
+    # question attending to the asked object (the defaults 2 / 6 / 15 sit where it looked away).
+    late_layers: tuple = (17, 21, 23)
     seed: int = 0
     # Rough seconds per phase, to skip what cannot finish in the call's budget.
     seconds: dict = dataclasses.field(default_factory=dict)
@@ -83,14 +89,17 @@ PRESETS = {
     "full": Preset(device="cuda", image_size=336, patch=14, tower_hidden=256, tower_layers=6, tower_heads=4,
                    tower_steps=1600, tower_batch=64, n_train=12000, n_test=400, turns=5, batch=32, workers=12,
                    pretrain_steps=200, finetune_steps=1600, distill_steps=200, eval_batch=100,
-                   seconds={"tower": 75, "lm": 20, "pretrain": 60, "finetune": 370, "eval": 60, "probe": 15,
+                   seconds={"tower": 75, "lm": 20, "pretrain": 60, "finetune": 370, "eval": 60, "probe": 15, "eval_late_layers": 15,
                             "distill_sparsevlm": 70, "distill_sparsevlm_v2": 65, "control": 60,
                             "eval_distill_sparsevlm": 12, "eval_distill_sparsevlm_v2": 12, "eval_control": 15}),
     "smoke": Preset(device="cpu", image_size=112, patch=14, tower_hidden=32, tower_layers=2, tower_heads=2,
                     tower_steps=10, tower_batch=4, n_train=12, n_test=4, turns=5, batch=2, workers=0,
                     pretrain_steps=2, finetune_steps=2, distill_steps=1, eval_batch=4, probe_questions=2,
-                    tower_min_accuracy=0.0),
+                    tower_min_accuracy=0.0, late_layers=(8, 10, 12)),
 }
+# The full preset without the tower's grid-cell head (runs 2 and 3, which had it, found the
+# question's early attention turned away from the asked object; run 1, without it, did not).
+PRESETS["full-nocell"] = dataclasses.replace(PRESETS["full"], tower_cell_head=False)
 # The full preset with less training: everything after the tower fits one device call.
 PRESETS["lean"] = dataclasses.replace(
     PRESETS["full"], pretrain_steps=150, finetune_steps=1150, distill_steps=120,
@@ -222,7 +231,8 @@ def main(argv=None) -> int:
         result = tower.pretrain(paths["tower"], paths["train_scenes"], image_size=p.image_size, patch=p.patch,
                                 hidden=p.tower_hidden, layers=p.tower_layers, heads=p.tower_heads,
                                 steps=p.tower_steps, batch=p.tower_batch, lr=p.tower_lr, seed=p.seed,
-                                device=p.device, workers=max(1, p.workers), log=log)
+                                device=p.device, workers=max(1, p.workers), cell_head=p.tower_cell_head,
+                                log=log)
         # Small: comes back from a device call.
         shutil.copytree(paths["tower"], os.path.join(args.out, "tower"), dirs_exist_ok=True)
         weak = {k: v for k, v in result["held_out_patch_accuracy"].items() if v < p.tower_min_accuracy}
@@ -239,13 +249,13 @@ def main(argv=None) -> int:
         for model_name, rows in plan:
             if model_name not in paths:
                 continue
-            rep["evaluations"] = [e for e in rep["evaluations"] if e["model"] != model_name]  # a rerun replaces
             loaded = evaluate.load(paths[model_name], p.device, dtype)
-            for rule, retain in rows:
-                result = evaluator.evaluate(loaded, rule, retain)
+            for rule, retain, *layers in rows:
+                result = evaluator.evaluate(loaded, rule, retain, *layers)
                 result["model"] = model_name
-                rep["evaluations"].append(result)
-                log(f"eval {model_name} {rule} {retain}: "
+                key = evaluate.row_key(result)  # a rerun replaces the row
+                rep["evaluations"] = [e for e in rep["evaluations"] if evaluate.row_key(e) != key] + [result]
+                log(f"eval {model_name} {rule} {retain} {layers or ''}: "
                     + ", ".join(f"{s} {result[s]['accuracy']:.3f}" for s in task.QUESTION_TYPES if s in result))
                 report_mod.write(args.out, rep)
             del loaded
@@ -279,6 +289,8 @@ def main(argv=None) -> int:
             return {"attention_lift_per_layer": lift, "questions_per_split": p.probe_questions}
 
         phase("probe", probe)
+        phase("eval_late_layers", lambda: evaluate_models([("finetuned", [
+            (rule, low, p.late_layers) for rule in ("sparsevlm", "sparsevlm_v2", "random")])]))
         # One evaluation phase per trained model, so that a resumed call evaluates a model that an
         # earlier call trained after its evaluation slot was skipped. sparsevlm's student and the
         # control come first: a call that runs short keeps the comparison the targets name first.

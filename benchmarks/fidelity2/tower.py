@@ -7,7 +7,8 @@ the renderer rather than contrastively: each patch feature of the layer LLaVA re
 object covering that patch (or background). Caption contrast teaches a global summary; LLaVA
 reads patches, and the questions ask about single objects, so per-patch labels are what the
 language model needs from the tower. A third head asks each patch for its grid cell: location
-questions name a cell, and the LM otherwise has only the tokens' raster order to find it by. After this stage the tower is frozen, as upstream freezes it.
+questions name a cell, and the LM otherwise has only the tokens' raster order to find it by
+(`cell_head=False` leaves it out). After this stage the tower is frozen, as upstream freezes it.
 """
 from __future__ import annotations
 
@@ -59,14 +60,16 @@ def _tensors(scenes: List[dict], patch: int, device, workers: int):
 
 def pretrain(out_dir: str, scenes: List[dict], *, image_size: int, patch: int, hidden: int, layers: int,
              heads: int, steps: int, batch: int, lr: float, seed: int, device, workers: int = 1,
-             log=print) -> dict:
+             cell_head: bool = True, log=print) -> dict:
     """Train the tower on `scenes` (the LLaVA training images), save it with its processor to
     `out_dir`, and return held-out per-patch accuracies on object patches."""
     model, processor = build(image_size, patch, hidden, layers, heads, seed)
     model.to(device).train()
     heads_ = torch.nn.ModuleDict({"color": torch.nn.Linear(hidden, len(task.COLORS) + 1),
-                                  "shape": torch.nn.Linear(hidden, len(task.SHAPES) + 1),
-                                  "cell": torch.nn.Linear(hidden, len(task.CELLS))}).to(device)
+                                  "shape": torch.nn.Linear(hidden, len(task.SHAPES) + 1)})
+    if cell_head:
+        heads_["cell"] = torch.nn.Linear(hidden, len(task.CELLS))
+    heads_.to(device)
     params = list(model.parameters()) + list(heads_.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -92,6 +95,8 @@ def pretrain(out_dir: str, scenes: List[dict], *, image_size: int, patch: int, h
             feats = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         losses, hits = 0.0, {}
         for name, target in (("color", color), ("shape", shape), ("cell", cell)):
+            if name not in heads_:
+                continue
             logits = heads_[name](feats.float())
             # Object patches are ~10 % of the image: weight them up so background does not dominate.
             weight = torch.ones(logits.shape[-1], device=device)
