@@ -642,6 +642,39 @@ def section_config(ctx: Ctx, name: str):
             f"decode b1 {entry['decode_b1']['ms_per_token']:.2f} ms/token")
 
 
+def section_profile_b8(ctx: Ctx):
+    """Where the time of one batch-8 `generate(max_new_tokens=1)` goes, eager plugin against the
+    fast path (run 2: the fast path's prefill was the slower one at batch 8): the kernels with the
+    most device time (self time, kernels launched by a replayed graph included), after warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = ctx.fixed_ids[:8]
+    pil, sizes = pil_batch(ctx, 8)
+    out = ctx.results["profile_b8"] = {}
+    for name in ("plugin_eager", "plugin_fast"):
+        set_config(ctx.model, name)
+        with torch.inference_mode():
+            images = preprocess(ctx, pil)
+            for _ in range(3):
+                generate(ctx, ids, images, sizes, 1)
+            ctx.sync()
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
+            started = time.perf_counter()
+            with profile(activities=activities) as prof:
+                generate(ctx, ids, images, sizes, 1)
+                ctx.sync()
+            wall_ms = (time.perf_counter() - started) * 1e3
+        attr = "self_device_time_total" if ctx.cuda else "self_cpu_time_total"
+        events = sorted(prof.key_averages(), key=lambda e: -getattr(e, attr, 0))
+        device_ms = sum(getattr(e, attr, 0) for e in events if ctx.cuda and e.device_type.name == "CUDA") / 1e3
+        out[name] = {"wall_ms": round(wall_ms, 2), "device_ms": round(device_ms, 2), "fast_path": fast_report(ctx.model),
+                     "top": [{"name": e.key[:100], "calls": e.count, "ms": round(getattr(e, attr, 0) / 1e3, 3)}
+                             for e in events[:20]]}
+        ctx.log(f"profile b8 {name}: wall {wall_ms:.1f} ms, device {device_ms:.1f} ms")
+        for row in out[name]["top"][:12]:
+            ctx.log(f"  {row['ms']:9.3f} ms  {row['calls']:5d}x  {row['name']}")
+
+
 def decode(ctx: Ctx, batch: int, name: str) -> dict:
     """(generate(n + 1) - generate(1)) / n on preprocessed tensors, exactly n + 1 tokens out."""
     ids = ctx.fixed_ids[:batch]
@@ -959,6 +992,8 @@ def main():
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                     help="model dtype on the GPU (float32: the correctness check without bf16 rounding)")
     ap.add_argument("--correctness-only", action="store_true", help="build and the correctness section only")
+    ap.add_argument("--profile-b8", action="store_true",
+                    help="build, then profile one batch-8 generate(1) eager vs fast path, and stop")
     ap.add_argument("--plot-from", default=None, help="only draw bench_fast.png from this bench_fast.json")
     args = ap.parse_args()
     if args.plot_from:
@@ -984,6 +1019,10 @@ def main():
         section(ctx, "build", section_build)
         if not hasattr(ctx, "model"):
             raise SystemExit(1)
+        if args.profile_b8:
+            section(ctx, "profile_b8", section_profile_b8)
+            ctx.save()
+            return
         section(ctx, "correctness", section_correctness, need_s=60)
         if args.correctness_only:
             ctx.save()
