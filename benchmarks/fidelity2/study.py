@@ -9,11 +9,11 @@ Phases, in order, in one process (each training stage is its own `python -m spar
   pretrain, finetune                     upstream's two LLaVA stages
   eval      the fine-tuned model: dense, then every rule at every budget
   probe     attention of the text after the image on the asked objects, per layer (dense)
-  eval_late_layers   sparsevlm, sparsevlm_v2 and random at the lowest budget, pruning at the
-            preset's `late_layers` instead of the defaults
   distill_sparsevlm, control, eval_distill_sparsevlm, eval_control   distillation at the lowest
             budget and its dense control (the same extra steps), then their evaluations
   distill_sparsevlm_v2, eval_distill_sparsevlm_v2
+  eval_late_layers   sparsevlm, sparsevlm_v2 and random at the lowest budget, pruning at the
+            preset's `late_layers` instead of the defaults
 Results are written after every phase (results.json / results.md / accuracy_vs_tokens.png under
 --out, the logs next to them), so a call stopped at its limit keeps what it finished. A phase
 that would not fit in what is left of --budget-s is recorded in "skipped".
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
                 result["model"] = model_name
                 key = evaluate.row_key(result)  # a rerun replaces the row
                 rep["evaluations"] = [e for e in rep["evaluations"] if evaluate.row_key(e) != key] + [result]
-                log(f"eval {model_name} {rule} {retain} {layers or ''}: "
+                log(f"eval {model_name} {rule} {retain}{f' layers {layers[0]}' if layers else ''}: "
                     + ", ".join(f"{s} {result[s]['accuracy']:.3f}" for s in task.QUESTION_TYPES if s in result))
                 report_mod.write(args.out, rep)
             del loaded
@@ -289,8 +289,6 @@ def main(argv=None) -> int:
             return {"attention_lift_per_layer": lift, "questions_per_split": p.probe_questions}
 
         phase("probe", probe)
-        phase("eval_late_layers", lambda: evaluate_models([("finetuned", [
-            (rule, low, p.late_layers) for rule in ("sparsevlm", "sparsevlm_v2", "random")])]))
         # One evaluation phase per trained model, so that a resumed call evaluates a model that an
         # earlier call trained after its evaluation slot was skipped. sparsevlm's student and the
         # control come first: a call that runs short keeps the comparison the targets name first.
@@ -306,6 +304,8 @@ def main(argv=None) -> int:
                     phase(f"eval_{model_name}", lambda m=model_name: evaluate_models([(m, plans[m])]))
                 else:
                     rep["skipped"].append(f"eval_{model_name}")
+        phase("eval_late_layers", lambda: evaluate_models([("finetuned", [
+            (rule, low, p.late_layers) for rule in ("sparsevlm", "sparsevlm_v2", "random")])]))
     else:
         rep["skipped"].append("everything after fine-tuning (no fine-tuned model)")
     collect_logs(os.path.join(work, "logs"), os.path.join(args.out, "training_logs.txt"))
