@@ -363,8 +363,8 @@ def run_prefill(model, inp: PrefillInputs, shapes: List[StageShape], rule: str, 
     """The layers of a sparse prefill on device inputs alone (no host round-trip: this is what
     a CUDA graph captures). `all_valid`: no pads in `inp` (what the cache records for decode);
     `causal`: every sample's valid slots in `inp` are a prefix (see BatchLayout.causal), which
-    no pads implies. Returns (normed last hidden states
-    [B, L, D], keep mask [B, L], PrunedCache or None, per-layer hidden states or None)."""
+    no pads implies. Returns (normed last hidden states [B, L, D], keep mask [B, L], PrunedCache
+    or None, per-layer hidden states or None)."""
     layers = model.layers
     B, L, D = inp.embeds.shape
     device = inp.embeds.device

@@ -89,8 +89,8 @@ PRESETS = {
     "full": Preset(device="cuda", image_size=336, patch=14, tower_hidden=256, tower_layers=6, tower_heads=4,
                    tower_steps=1600, tower_batch=64, n_train=12000, n_test=400, turns=5, batch=32, workers=12,
                    pretrain_steps=200, finetune_steps=1600, distill_steps=200, eval_batch=100,
-                   seconds={"tower": 75, "lm": 20, "pretrain": 60, "finetune": 370, "eval": 60, "probe": 15, "eval_late_layers": 15,
-                            "distill_sparsevlm": 70, "distill_sparsevlm_v2": 65, "control": 60,
+                   seconds={"tower": 75, "lm": 20, "pretrain": 60, "finetune": 370, "eval": 60, "probe": 15,
+                            "eval_late_layers": 15, "distill_sparsevlm": 70, "distill_sparsevlm_v2": 65, "control": 60,
                             "eval_distill_sparsevlm": 12, "eval_distill_sparsevlm_v2": 12, "eval_control": 15}),
     "smoke": Preset(device="cpu", image_size=112, patch=14, tower_hidden=32, tower_layers=2, tower_heads=2,
                     tower_steps=10, tower_batch=4, n_train=12, n_test=4, turns=5, batch=2, workers=0,
@@ -250,12 +250,13 @@ def main(argv=None) -> int:
             if model_name not in paths:
                 continue
             loaded = evaluate.load(paths[model_name], p.device, dtype)
-            for rule, retain, *layers in rows:
-                result = evaluator.evaluate(loaded, rule, retain, *layers)
+            for rule, retain, *rest in rows:
+                layers = rest[0] if rest else None
+                result = evaluator.evaluate(loaded, rule, retain, layers)
                 result["model"] = model_name
                 key = evaluate.row_key(result)  # a rerun replaces the row
                 rep["evaluations"] = [e for e in rep["evaluations"] if evaluate.row_key(e) != key] + [result]
-                log(f"eval {model_name} {rule} {retain}{f' layers {layers[0]}' if layers else ''}: "
+                log(f"eval {model_name} {rule} {retain}" + (f" layers {layers}" if layers else "") + ": "
                     + ", ".join(f"{s} {result[s]['accuracy']:.3f}" for s in task.QUESTION_TYPES if s in result))
                 report_mod.write(args.out, rep)
             del loaded
